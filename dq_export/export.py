@@ -1,0 +1,150 @@
+"""The export job: model -> ONNX -> OpenVINO IR -> manifest, written atomically.
+
+Everything is written into a hidden sibling folder that is renamed to ``--out`` only after
+the manifest is written, so an interrupted or failed export never leaves a folder that looks
+valid.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from dq_export import __version__
+from dq_export.errors import UserError
+from dq_export.loading import check_model_arg
+from dq_export.recipe import EXPORTABLE_BITS, Recipe, check_image_size
+
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+class StageLog:
+    """Prints ``[i/n] stage`` lines with their wall time, and keeps the times for the manifest."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {name} ...", file=self.stream, flush=True)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        print(f"[{self.done}/{self.total}] {name}: {self.seconds[name]:.1f} s", file=self.stream,
+              flush=True)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import onnx
+    import openvino
+    import torch
+    import transformers
+
+    return {"dq_export": __version__, "python": platform.python_version(),
+            "torch": torch.__version__, "onnx": onnx.__version__,
+            "openvino": openvino.get_version(), "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+def prepare_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a folder: choose another path")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"--out {out} is not empty: pass --force to replace it, or choose "
+                        "another folder")
+
+
+def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
+           force: bool = False) -> dict:
+    """Run the whole export and return the manifest written to ``out``."""
+    if recipe.bits not in EXPORTABLE_BITS:
+        raise UserError(f"--bits {recipe.bits} needs timestep-aware calibration, which this "
+                        f"version does not have yet: use one of {', '.join(EXPORTABLE_BITS)}")
+    if recipe.image_size is not None:
+        check_image_size(recipe.image_size)
+    check_model_arg(model)
+    out = Path(out)
+    prepare_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    try:
+        manifest = _export_into(model, partial, recipe, init)
+        _replace(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _export_into(model: str, root: Path, recipe: Recipe, init: str) -> dict:
+    from dq_export.loading import load_components
+    from dq_export.onnx_export import export_components
+    from dq_export.openvino_convert import convert_to_ir
+    from dq_export.manifest import write_manifest
+
+    stage = StageLog(total=2 + len(COMPONENTS) * 2)
+    with stage("load model"):
+        components = load_components(model, init, recipe.seed)
+    size = recipe.image_size or components.image_size
+    vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    if size % vae_factor:
+        raise UserError(f"image size {size} is not a multiple of the VAE factor {vae_factor}")
+    onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
+                                   stage)
+    ir_paths = {}
+    for name, onnx_path in onnx_paths.items():
+        with stage(f"OpenVINO IR: {name}"):
+            ir_paths[name] = convert_to_ir(onnx_path, root / "openvino" / f"{name}.xml",
+                                           compress_to_fp16=recipe.bits == "fp16")
+    with stage("tokenizer, hashes and manifest"):
+        components.tokenizer.save_pretrained(root / "tokenizer")
+        body = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "model": components.source,
+            "recipe": recipe.to_dict(),
+            "image": {"height": size, "width": size, "vae_scale_factor": vae_factor,
+                      "latent_channels": components.vae.config.latent_channels},
+            "text": {"max_length": components.tokenizer.model_max_length,
+                     "hidden_size": components.text_encoder.config.hidden_size},
+            "scheduler": components.scheduler_config,
+            "tokenizer": "tokenizer",
+            "components": {
+                name: {"onnx": _rel(onnx_paths[name], root), "openvino": _rel(ir_paths[name], root)}
+                for name in COMPONENTS
+            },
+            "versions": versions(),
+            "export_stats": {"stage_seconds": stage.seconds, "peak_rss_mb": peak_rss_mb(),
+                             "machine": platform.machine(), "cpu_count": os.cpu_count()},
+        }
+        return write_manifest(root, body)
+
+
+def _rel(path: Path, root: Path) -> str:
+    return path.relative_to(root).as_posix()
+
+
+def _replace(partial: Path, out: Path) -> None:
+    """Move the finished export into place; an old ``--force``d folder goes only after that."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    partial.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

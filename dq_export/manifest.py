@@ -1,0 +1,71 @@
+"""manifest.json: what an export holds, how it was made, and hashes to check it by.
+
+The manifest is written last, into a folder that is renamed into place only when complete,
+so a folder with a manifest is a finished export; the hashes catch later tampering.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from dq_export.errors import UserError
+
+MANIFEST = "manifest.json"
+SCHEMA = "dq-export/manifest"
+SCHEMA_VERSION = 1
+CHUNK = 16 * 1024 * 1024
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(root: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} for every file under ``root`` except the manifest."""
+    return {
+        path.relative_to(root).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST
+    }
+
+
+def write_manifest(root: Path, body: dict) -> dict:
+    manifest = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, **body,
+                "files": file_entries(root)}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(root: Path, verify: bool = True) -> dict:
+    """Load and check a manifest; every problem is a one-line UserError."""
+    path = Path(root) / MANIFEST
+    if not path.is_file():
+        raise UserError(f"{root} is not a dq-export folder: no {MANIFEST} "
+                        "(export one with dq-export --out DIR)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): re-export") from None
+    if manifest.get("schema") != SCHEMA:
+        raise UserError(f"{path} is not a dq-export manifest: re-export")
+    if manifest.get("schema_version", 0) > SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {manifest['schema_version']}, newer than "
+                        f"this dq-export reads ({SCHEMA_VERSION}): upgrade dq-export")
+    if verify:
+        verify_files(Path(root), manifest["files"])
+    return manifest
+
+
+def verify_files(root: Path, files: dict[str, dict]) -> None:
+    for rel, entry in files.items():
+        path = root / rel
+        if not path.is_file():
+            raise UserError(f"{path} is missing from the export: re-export or restore it")
+        if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
+            raise UserError(f"{path} does not match its manifest hash (modified or corrupt): "
+                            "re-export or restore it")

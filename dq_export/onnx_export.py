@@ -1,0 +1,114 @@
+"""torch -> ONNX for the three exported components, with names the runtime relies on.
+
+Each component gets a thin wrapper whose inputs and outputs are plain tensors, so the graph
+interface is fixed here and nowhere else:
+
+- text_encoder: ``input_ids`` int64 [batch, tokens] -> ``last_hidden_state``
+- unet: ``sample`` [batch, C, h, w], ``timestep`` float32 [batch], ``encoder_hidden_states``
+  [batch, tokens, dim] -> ``noise_pred`` (the model output: epsilon or v)
+- vae_decoder: ``latents`` (as the scheduler holds them, unscaled) -> ``image`` in [-1, 1]
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+TWO_GB = 2 * 1024**3
+
+
+class UNetGraph(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+
+
+class TextEncoderGraph(torch.nn.Module):
+    def __init__(self, text_encoder):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids):
+        return self.text_encoder(input_ids, return_dict=False)[0]
+
+
+class VaeDecoderGraph(torch.nn.Module):
+    """Decoder with the latent scaling folded in, so the runtime needs no VAE constants."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(vae.config.scaling_factor)
+
+    def forward(self, latents):
+        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+
+
+def unet_example(unet, text_encoder, latent_size: int, batch: int = 2) -> tuple:
+    """Example inputs for tracing the UNet: batch 2 is one classifier-free-guidance call."""
+    cfg = text_encoder.config
+    return (
+        torch.randn(batch, unet.config.in_channels, latent_size, latent_size),
+        torch.full((batch,), 999.0),
+        torch.randn(batch, cfg.max_position_embeddings, cfg.hidden_size),
+    )
+
+
+def export_onnx(module: torch.nn.Module, example: tuple, path: Path, input_names: list[str],
+                output_name: str, opset: int) -> None:
+    """Trace ``module`` to ``path`` with a dynamic batch axis.
+
+    Graphs over 2 GB go to one external data file ``<name>.data`` beside the graph (ONNX's
+    protobuf limit); smaller ones stay a single file.
+    """
+    dynamic = {name: {0: "batch"} for name in input_names + [output_name]}
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as scratch:
+        traced = Path(scratch) / path.name
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python control flow
+            torch.onnx.export(module.eval(), example, str(traced), dynamo=False,
+                              opset_version=opset, input_names=input_names,
+                              output_names=[output_name], dynamic_axes=dynamic,
+                              do_constant_folding=True)
+        scattered = sum(f.stat().st_size for f in Path(scratch).iterdir())
+        if scattered > TWO_GB or len(list(Path(scratch).iterdir())) > 1:
+            _save_with_one_data_file(traced, path)
+        else:
+            shutil.move(traced, path)
+
+
+def _save_with_one_data_file(traced: Path, path: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(traced), load_external_data=True)
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=path.name + ".data", size_threshold=1024)
+
+
+def export_components(components, out_dir: Path, latent_size: int, opset: int, stage) -> dict:
+    """Export text encoder, UNet and VAE decoder; return {component: onnx path}."""
+    te, unet, vae = components.text_encoder, components.unet, components.vae
+    tokens = te.config.max_position_embeddings
+    jobs = {
+        "text_encoder": (TextEncoderGraph(te), (torch.zeros(1, tokens, dtype=torch.int64),),
+                         ["input_ids"], "last_hidden_state"),
+        "unet": (UNetGraph(unet), unet_example(unet, te, latent_size),
+                 ["sample", "timestep", "encoder_hidden_states"], "noise_pred"),
+        "vae_decoder": (VaeDecoderGraph(vae),
+                        (torch.randn(1, vae.config.latent_channels, latent_size, latent_size),),
+                        ["latents"], "image"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, (module, example, inputs, output) in jobs.items():
+        with stage(f"ONNX export: {name}"):
+            paths[name] = out_dir / f"{name}.onnx"
+            export_onnx(module, example, paths[name], inputs, output, opset)
+    return paths

@@ -1,0 +1,41 @@
+"""Shared fixtures: one tiny-sd FP32 export per test session, built from config, offline."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="run checks on full-size architectures (minutes, GBs of memory)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="full-size check: pass --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory):
+    """tiny-sd with seeded random weights (seed 0), exported once to FP32."""
+    from dq_export.export import export
+    from dq_export.recipe import Recipe
+
+    out = tmp_path_factory.mktemp("exports") / "tiny-sd-fp32"
+    export("tiny-sd", out, Recipe(bits="fp32", seed=0), init="random")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_export):
+    from deploy import Pipeline
+
+    return Pipeline.load(tiny_export)

@@ -1,0 +1,83 @@
+import json
+
+import onnx
+import pytest
+
+from dq_export.errors import UserError
+from dq_export.export import export
+from dq_export.manifest import read_manifest, sha256
+from dq_export.recipe import Recipe
+
+
+def test_manifest_describes_the_export(tiny_export):
+    manifest = read_manifest(tiny_export)
+    assert manifest["schema_version"] == 1
+    assert manifest["model"] == {"kind": "registry", "name": "tiny-sd", "hub_id": None,
+                                 "init": "random", "seed": 0}
+    assert manifest["recipe"]["bits"] == "fp32"
+    assert manifest["image"] == {"height": 64, "width": 64, "vae_scale_factor": 4,
+                                 "latent_channels": 4}
+    assert manifest["scheduler"]["_class_name"] == "PNDMScheduler"
+    assert {"torch", "onnx", "openvino"} <= set(manifest["versions"])
+    for name in ("text_encoder", "unet", "vae_decoder"):
+        paths = manifest["components"][name]
+        for rel in (paths["onnx"], paths["openvino"], paths["openvino"][:-4] + ".bin"):
+            entry = manifest["files"][rel]
+            assert entry["bytes"] == (tiny_export / rel).stat().st_size > 0
+            assert entry["sha256"] == sha256(tiny_export / rel)
+
+
+def test_onnx_graphs_pass_the_checker_with_the_documented_interface(tiny_export):
+    expected = {"text_encoder": ["input_ids"], "vae_decoder": ["latents"],
+                "unet": ["sample", "timestep", "encoder_hidden_states"]}
+    for name, inputs in expected.items():
+        path = tiny_export / "onnx" / f"{name}.onnx"
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path))
+        assert [i.name for i in model.graph.input] == inputs
+        assert model.opset_import[0].version >= 17
+
+
+def test_openvino_ir_keeps_fp32_weights(tiny_export):
+    import openvino as ov
+
+    model = ov.Core().read_model(tiny_export / "openvino" / "unet.xml")
+    constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
+    assert not any(c.get_element_type() == ov.Type.f16 for c in constants)
+
+
+def test_non_empty_out_is_refused_without_force(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    with pytest.raises(UserError, match="--force"):
+        export("tiny-sd", out, Recipe(), init="random")
+    assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_failed_export_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
+    import dq_export.openvino_convert as conv
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(conv, "convert_to_ir", broken)
+    with pytest.raises(RuntimeError):
+        export("tiny-sd", tmp_path / "out", Recipe(), init="random")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_force_replaces_an_old_export(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    export("tiny-sd", out, Recipe(bits="fp16"), init="random", force=True)
+    assert not (out / "stale.txt").exists()
+    assert json.loads((out / "manifest.json").read_text())["recipe"]["bits"] == "fp16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_quantized_bits_are_refused_until_calibration_exists(tmp_path):
+    with pytest.raises(UserError, match="calibration"):
+        export("tiny-sd", tmp_path / "q", Recipe(bits="w8a8"), init="random")
+    assert not (tmp_path / "q").exists()

@@ -1,0 +1,97 @@
+"""The OpenVINO pipeline against diffusers' torch pipeline on tiny-sd, and its input checks."""
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from deploy import Pipeline
+from deploy.schedulers import SCHEDULERS, make_scheduler
+from dq_export.errors import UserError
+from dq_export.loading import load_components
+
+PROMPT = "a handwritten digit 7"
+
+
+def torch_reference(scheduler: str, steps: int, seed: int, prompt=PROMPT, eta=0.0) -> np.ndarray:
+    """diffusers' StableDiffusionPipeline on the same seeded weights the export was made from."""
+    from diffusers import StableDiffusionPipeline
+
+    c = load_components("tiny-sd", "random", seed=0)
+    pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
+                                   unet=c.unet, scheduler=make_scheduler(scheduler,
+                                                                         c.scheduler_config),
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt, num_inference_steps=steps, guidance_scale=7.5, eta=eta,
+                  generator=torch.Generator().manual_seed(seed), output_type="np",
+                  height=64, width=64).images
+    return (images * 255).round().astype(np.int16)
+
+
+@pytest.mark.parametrize("scheduler", list(SCHEDULERS))
+def test_openvino_matches_diffusers_torch(tiny_pipeline, scheduler):
+    """Same seed, same sampler: every pixel within one 8-bit level of diffusers' image."""
+    eta = 1.0 if scheduler == "ddim" else 0.0  # DDIM with eta > 0 also checks the noise draws
+    ours = tiny_pipeline.generate(PROMPT, steps=10, scheduler=scheduler, seed=1, eta=eta)
+    reference = torch_reference(scheduler, 10, seed=1, eta=eta)
+    pixels = np.asarray(ours.images[0]).astype(np.int16)
+    assert reference[0].std() > 10  # the images are not flat: the comparison means something
+    assert np.abs(pixels - reference[0]).max() <= 1
+
+
+def test_same_seed_same_image_other_seed_other_image(tiny_pipeline):
+    a, b, c = (np.asarray(tiny_pipeline.generate(PROMPT, steps=5, seed=s).images[0])
+               for s in (3, 3, 4))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_batch_of_prompts_with_negative_prompt(tiny_pipeline):
+    result = tiny_pipeline.generate(["a digit 1", "a digit 2"], negative_prompt="blurry",
+                                    steps=4, seed=0)
+    assert len(result.images) == 2 and result.images[0].size == (64, 64)
+    assert set(result.timings) == {"text_encoder", "unet_loop", "vae_decoder", "total"}
+    single = tiny_pipeline.generate("a digit 1", negative_prompt="blurry", steps=4, seed=0)
+    assert tiny_pipeline.batch_size == 1
+    assert single.images[0].size == (64, 64)
+
+
+def test_step_timings_are_one_per_unet_call(tiny_pipeline):
+    result = tiny_pipeline.generate(PROMPT, steps=6, scheduler="ddim")
+    assert len(result.step_seconds) == 6 and all(s > 0 for s in result.step_seconds)
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_pipeline, caplog):
+    with caplog.at_level(logging.WARNING):
+        tiny_pipeline.generate("digit " * 40, steps=2)
+    assert "truncated" in caplog.text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps"), ({"steps": 5000}, "steps"), ({"guidance": float("nan")}, "guidance"),
+    ({"guidance": -1.0}, "guidance"), ({"scheduler": "heun"}, "unknown scheduler"),
+    ({"prompt": []}, "no prompt"),
+])
+def test_bad_generation_settings_are_user_errors(tiny_pipeline, kwargs, message):
+    kwargs = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(UserError, match=message):
+        tiny_pipeline.generate(kwargs.pop("prompt"), **kwargs)
+
+
+def test_missing_manifest_and_tampered_files_are_detected(tiny_export, tmp_path):
+    with pytest.raises(UserError, match="no manifest.json"):
+        Pipeline.load(tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_export, copy)
+    with open(copy / "openvino" / "unet.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(UserError, match="unet.bin does not match its manifest hash"):
+        Pipeline.load(copy)
+    (copy / "openvino" / "unet.bin").unlink()
+    with pytest.raises(UserError, match="unet.bin is missing"):
+        Pipeline.load(copy)

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from dq_export.errors import UserError
+from dq_export.recipe import BITS, Recipe, check_image_size, parse_bits
+from dq_export.tiny_tokenizer import TOKENIZER_DIR, WORDS, build_vocab_and_merges
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_every_bits_value_parses_and_round_trips(bits):
+    recipe = Recipe(bits=parse_bits(bits.upper()), image_size=256)
+    assert Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
+
+
+def test_four_bit_activations_are_refused_with_a_reason():
+    with pytest.raises(UserError, match="activations below 8 bits"):
+        parse_bits("w4a4")
+
+
+def test_unknown_bits_lists_valid_values():
+    with pytest.raises(UserError, match="fp32, fp16, w8a8, w8a16, w4a16, w4a8"):
+        parse_bits("int3")
+
+
+def test_recipe_from_newer_writer_is_refused():
+    with pytest.raises(UserError, match="unknown fields"):
+        Recipe.from_dict({"bits": "fp32", "magic": 1})
+    with pytest.raises(UserError, match="newer"):
+        Recipe.from_dict({"bits": "fp32", "version": 99})
+
+
+@pytest.mark.parametrize("size", [0, -8, 63, 100])
+def test_image_size_must_be_a_multiple_of_8(size):
+    with pytest.raises(UserError, match="multiple of 8"):
+        check_image_size(size)
+
+
+def test_committed_tokenizer_matches_its_generator():
+    vocab, merges = build_vocab_and_merges(WORDS.split())
+    assert json.loads((TOKENIZER_DIR / "vocab.json").read_text(encoding="utf-8")) == vocab
+    assert (TOKENIZER_DIR / "merges.txt").read_text(encoding="utf-8").splitlines()[1:] == merges
+
+
+def test_caption_words_are_single_tokens():
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(TOKENIZER_DIR)
+    for word in WORDS.split():
+        assert len(tokenizer(word).input_ids) == 3, word  # <start> word <end>
+    assert len(tokenizer("a handwritten digit 7").input_ids) == 6
