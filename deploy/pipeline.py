@@ -6,7 +6,6 @@ threads; calls run one at a time (give each worker its own Pipeline for parallel
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import threading
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.sampler import denoise, initial_latents, step_kwargs
 from deploy.schedulers import make_scheduler, scheduler_name
 from dq_export.errors import UserError
 from dq_export.manifest import read_manifest
@@ -40,6 +40,25 @@ class GenerationResult:
     steps: int = 0
 
 
+@dataclass
+class StepTable:
+    """Timestep -> (calibrated step index, group): the nearest calibrated timestep decides,
+    so any step count or sampler maps onto the calibration without failing."""
+
+    timesteps: np.ndarray
+    step_to_group: list[int]
+    step_input: str | None
+
+    @classmethod
+    def from_manifest(cls, quantization: dict) -> StepTable:
+        return cls(np.asarray(quantization["timesteps"], dtype=np.float64),
+                   quantization["step_to_group"], quantization.get("step_index_input"))
+
+    def lookup(self, timestep: float) -> tuple[int, int]:
+        step = int(np.argmin(np.abs(self.timesteps - timestep)))
+        return step, self.step_to_group[step]
+
+
 class Pipeline:
     """Text encoder, UNet and VAE decoder of one export, compiled with static shapes."""
 
@@ -51,6 +70,8 @@ class Pipeline:
         self.ov_config = ov_config
         self.tokenizer = CLIPTokenizer.from_pretrained(root / manifest["tokenizer"])
         self._lock = threading.Lock()
+        quantization = manifest.get("quantization", {})
+        self.steps = StepTable.from_manifest(quantization) if "timesteps" in quantization else None
         self.batch_size = 0
         self._requests: dict = {}
         self._compile(batch_size)
@@ -85,15 +106,31 @@ class Pipeline:
         core = ov.Core()
         self._requests = {}
         for name, shape in shapes.items():
-            model = core.read_model(self.root / self.manifest["components"][name]["openvino"])
-            model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
-            compiled = core.compile_model(model, self.device, self.ov_config)
-            self._requests[name] = compiled.create_infer_request()
+            entry = self.manifest["components"][name]
+            graphs = [g["openvino"] for g in entry["groups"]] if "groups" in entry else \
+                [entry["openvino"]]
+            requests = []
+            for graph in graphs:
+                model = core.read_model(self.root / graph)
+                model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
+                compiled = core.compile_model(model, self.device, self.ov_config)
+                requests.append(compiled.create_infer_request())
+            self._requests[name] = requests
         self.batch_size = batch_size
         self._latent_shape = (batch_size, *latent)
 
-    def _run(self, name: str, inputs: dict) -> np.ndarray:
-        return self._requests[name].infer(inputs)[0]
+    def _run(self, name: str, inputs: dict, group: int = 0) -> np.ndarray:
+        return self._requests[name][group].infer(inputs)[0]
+
+    def _unet(self, sample: np.ndarray, timestep: float, embeddings: np.ndarray) -> np.ndarray:
+        inputs = {"sample": sample, "timestep": np.full(len(sample), timestep, dtype=np.float32),
+                  "encoder_hidden_states": embeddings}
+        group = 0
+        if self.steps is not None:
+            step_index, group = self.steps.lookup(timestep)
+            if self.steps.step_input:
+                inputs[self.steps.step_input] = np.asarray(step_index, dtype=np.int64)
+        return self._run("unet", inputs, group)
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Token ids -> text embeddings; prompts over the window are cut, with a warning."""
@@ -121,7 +158,6 @@ class Pipeline:
 
     def _sample(self, prompts, negatives, steps, scheduler, guidance, seed, eta, progress):
         import torch
-        from tqdm.auto import tqdm
 
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -132,26 +168,14 @@ class Pipeline:
         # 2. Timesteps of the chosen sampler.
         sampler = make_scheduler(scheduler, self.manifest["scheduler"])
         sampler.set_timesteps(steps)
-        step_kwargs = _step_kwargs(sampler, eta, generator := torch.Generator().manual_seed(seed))
+        generator = torch.Generator().manual_seed(seed)
 
-        # 3. Initial noise x_T ~ N(0, sigma_T^2 I), drawn as diffusers draws it for this seed.
-        latents = torch.randn(self._latent_shape, generator=generator) * sampler.init_noise_sigma
+        # 3. Initial noise x_T.
+        latents = initial_latents(self._latent_shape, sampler, generator)
 
-        # 4. Denoising loop.
-        step_seconds = []
-        for t in tqdm(sampler.timesteps, desc="sampling", disable=not progress, leave=False):
-            step_start = time.perf_counter()
-            model_in = sampler.scale_model_input(torch.cat([latents] * 2), t)
-            noise = self._run("unet", {
-                "sample": model_in.numpy(),
-                "timestep": np.full(2 * len(prompts), float(t), dtype=np.float32),
-                "encoder_hidden_states": embeddings,
-            })
-            uncond, cond = np.split(noise, 2)
-            # eps = eps(x_t, empty) + w * (eps(x_t, c) - eps(x_t, empty))  (Ho & Salimans, eq. 6)
-            guided = torch.from_numpy(uncond + guidance * (cond - uncond))
-            latents = sampler.step(guided, t, latents, **step_kwargs).prev_sample
-            step_seconds.append(time.perf_counter() - step_start)
+        # 4. Denoising loop, one guided UNet call per timestep.
+        latents, step_seconds = denoise(self._unet, embeddings, sampler, latents, guidance,
+                                        step_kwargs(sampler, eta, generator), progress)
         timings["unet_loop"] = sum(step_seconds)
 
         # 5. Decode latents to pixels in [-1, 1], then to 8-bit images.
@@ -191,12 +215,3 @@ def _check_settings(prompts: list[str], steps: int, guidance: float, scheduler_c
         raise UserError(f"guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
 
 
-def _step_kwargs(sampler, eta: float, generator) -> dict:
-    """Pass eta and the generator only to schedulers whose step() takes them (DDIM does)."""
-    accepted = inspect.signature(sampler.step).parameters
-    kwargs = {}
-    if "eta" in accepted:
-        kwargs["eta"] = eta
-    if "generator" in accepted:
-        kwargs["generator"] = generator
-    return kwargs

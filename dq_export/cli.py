@@ -14,6 +14,7 @@ from dq_export.registry import REGISTRY
 
 def build_parser() -> argparse.ArgumentParser:
     models = ", ".join(REGISTRY)
+    d = Recipe()
     p = argparse.ArgumentParser(
         prog="dq-export",
         description="Export a diffusion model to ONNX and OpenVINO IR, with an export manifest.",
@@ -30,11 +31,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="export folder (default: exports/<model>-<bits>)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    q = p.add_argument_group("quantization (w8a8 and other integer recipes)")
+    q.add_argument("--method", default=d.method,
+                   help="dq: timestep-aware (this project); nncf: OpenVINO's own W8A8 baseline")
+    q.add_argument("--groups", type=int, default=d.groups,
+                   help=f"timestep groups with their own activation scales (default {d.groups})")
+    q.add_argument("--group-split", default=d.group_split,
+                   help="uniform, or auto: boundaries from per-step statistics (default auto)")
+    q.add_argument("--estimator", default=d.estimator,
+                   help="activation range estimator: minmax, percentile, mse (default mse)")
+    q.add_argument("--no-time-tables", dest="time_tables", action="store_false",
+                   help="one scale per group on the time-embedding path, not one per step")
+    q.add_argument("--no-split-shortcut", dest="split_shortcut", action="store_false",
+                   help="one scale for each skip concatenation instead of one per half")
+    c = p.add_argument_group("calibration (the deployment the scales are fitted for)")
+    c.add_argument("--prompts", type=Path, default=None,
+                   help="prompt file, one a line (default: calibration/prompts.txt)")
+    c.add_argument("--calib-scheduler", default=d.calib_scheduler)
+    c.add_argument("--calib-steps", type=int, default=d.calib_steps)
+    c.add_argument("--calib-prompts", type=int, default=d.calib_prompts,
+                   help=f"n: prompts used (default {d.calib_prompts})")
+    c.add_argument("--calib-every", type=int, default=d.calib_every,
+                   help="c: record every c-th step (default 1)")
+    c.add_argument("--calib-batch", type=int, default=d.calib_batch,
+                   help="prompts per FP32 pipeline run")
+    c.add_argument("--calibration-dir", type=Path, default=None,
+                   help="cache folder (default: ~/.cache/dq-export/calibration/<hash>)")
     return p
 
 
 def recipe_from_args(args: argparse.Namespace) -> Recipe:
-    return Recipe(bits=parse_bits(args.bits), image_size=args.size, seed=args.seed)
+    return Recipe(bits=parse_bits(args.bits), method=args.method, image_size=args.size,
+                  seed=args.seed, groups=args.groups, group_split=args.group_split,
+                  estimator=args.estimator, time_tables=args.time_tables,
+                  split_shortcut=args.split_shortcut, calib_scheduler=args.calib_scheduler,
+                  calib_steps=args.calib_steps, calib_prompts=args.calib_prompts,
+                  calib_every=args.calib_every, calib_batch=args.calib_batch).check()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         out = args.out or Path("exports") / f"{Path(args.model).name}-{recipe.bits}"
         from dq_export.export import export
 
-        manifest = export(args.model, out, recipe, init=args.init, force=args.force)
+        manifest = export(args.model, out, recipe, init=args.init, force=args.force,
+                          prompts=args.prompts, calibration_dir=args.calibration_dir)
     except UserError as e:
         print(f"dq-export: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -20,7 +20,8 @@ from pathlib import Path
 from dq_export import __version__
 from dq_export.errors import UserError
 from dq_export.loading import check_model_arg
-from dq_export.recipe import EXPORTABLE_BITS, Recipe, check_image_size
+from calibration.collect import read_prompts
+from dq_export.recipe import EXPORTABLE_BITS, Recipe
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
@@ -70,13 +71,15 @@ def prepare_out(out: Path, force: bool) -> None:
 
 
 def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
-           force: bool = False) -> dict:
+           force: bool = False, prompts: Path | None = None,
+           calibration_dir: Path | None = None) -> dict:
     """Run the whole export and return the manifest written to ``out``."""
+    recipe.check()
     if recipe.bits not in EXPORTABLE_BITS:
-        raise UserError(f"--bits {recipe.bits} needs timestep-aware calibration, which this "
-                        f"version does not have yet: use one of {', '.join(EXPORTABLE_BITS)}")
-    if recipe.image_size is not None:
-        check_image_size(recipe.image_size)
+        raise UserError(f"--bits {recipe.bits} (4-bit weights) is not exportable by this "
+                        f"version yet: use one of {', '.join(EXPORTABLE_BITS)}")
+    if prompts is not None:
+        read_prompts(prompts)  # fail now, not after loading the model
     check_model_arg(model)
     out = Path(out)
     prepare_out(out, force)
@@ -84,7 +87,7 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        manifest = _export_into(model, partial, recipe, init)
+        manifest = _export_into(model, partial, recipe, init, prompts, calibration_dir)
         _replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -92,26 +95,45 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     return manifest
 
 
-def _export_into(model: str, root: Path, recipe: Recipe, init: str) -> dict:
+def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Path | None,
+                 calibration_dir: Path | None) -> dict:
     from dq_export.loading import load_components
+    from dq_export.manifest import write_manifest
     from dq_export.onnx_export import export_components
     from dq_export.openvino_convert import convert_to_ir
-    from dq_export.manifest import write_manifest
 
-    stage = StageLog(total=2 + len(COMPONENTS) * 2)
+    calibrates = recipe.activations_quantized
+    stage = StageLog(total=2 + 2 * len(COMPONENTS) + 2 * calibrates + recipe.quantized)
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
     size = recipe.image_size or components.image_size
     vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     if size % vae_factor:
         raise UserError(f"image size {size} is not a multiple of the VAE factor {vae_factor}")
+    params = summary = None
+    if calibrates:
+        from dq_export.quantize_unet import calibrate_and_fit
+
+        params, summary = calibrate_and_fit(components, recipe, size, prompts, calibration_dir,
+                                            stage)
     onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
                                    stage)
+    graphs = {name: [path] for name, path in onnx_paths.items()}
+    if recipe.quantized:
+        from dq_export.quantize_unet import write_group_graphs
+
+        with stage("QDQ graphs per timestep group"):
+            fp32_unet = graphs["unet"][0]
+            graphs["unet"] = write_group_graphs(fp32_unet, root / "onnx", components.unet,
+                                                recipe, params)
+            for leftover in (fp32_unet, fp32_unet.with_name(fp32_unet.name + ".data")):
+                leftover.unlink(missing_ok=True)
     ir_paths = {}
-    for name, onnx_path in onnx_paths.items():
+    for name, paths in graphs.items():
         with stage(f"OpenVINO IR: {name}"):
-            ir_paths[name] = convert_to_ir(onnx_path, root / "openvino" / f"{name}.xml",
-                                           compress_to_fp16=recipe.bits == "fp16")
+            ir_paths[name] = [convert_to_ir(p, root / "openvino" / f"{p.stem}.xml",
+                                            compress_to_fp16=recipe.bits == "fp16")
+                              for p in paths]
     with stage("tokenizer, hashes and manifest"):
         components.tokenizer.save_pretrained(root / "tokenizer")
         body = {
@@ -124,15 +146,27 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str) -> dict:
                      "hidden_size": components.text_encoder.config.hidden_size},
             "scheduler": components.scheduler_config,
             "tokenizer": "tokenizer",
-            "components": {
-                name: {"onnx": _rel(onnx_paths[name], root), "openvino": _rel(ir_paths[name], root)}
-                for name in COMPONENTS
-            },
+            "components": {name: _component_entry(graphs[name], ir_paths[name], root)
+                           for name in COMPONENTS},
             "versions": versions(),
             "export_stats": {"stage_seconds": stage.seconds, "peak_rss_mb": peak_rss_mb(),
                              "machine": platform.machine(), "cpu_count": os.cpu_count()},
         }
+        if recipe.quantized:
+            from dq_export.quantize_unet import quantization_manifest, write_params
+
+            body["quantization"] = quantization_manifest(recipe, params, summary)
+            if params is not None:
+                write_params(root, params)
         return write_manifest(root, body)
+
+
+def _component_entry(onnx_paths: list[Path], ir_paths: list[Path], root: Path) -> dict:
+    """One graph: {"onnx", "openvino"}; one per timestep group: {"groups": [...]}."""
+    entries = [{"onnx": _rel(o, root), "openvino": _rel(i, root)}
+               for o, i in zip(onnx_paths, ir_paths)]
+    return entries[0] if len(entries) == 1 and "group" not in onnx_paths[0].stem \
+        else {"groups": entries}
 
 
 def _rel(path: Path, root: Path) -> str:

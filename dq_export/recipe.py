@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from calibration.estimators import ESTIMATORS
+from calibration.groups import GROUP_SPLITS
+from deploy.schedulers import SCHEDULERS
 from dq_export.errors import UserError
 
 RECIPE_VERSION = 1
@@ -15,16 +18,38 @@ RECIPE_VERSION = 1
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 # Settings this version can export; the others parse (they are valid recipes) but are
 # refused by the exporter with a message saying so.
-EXPORTABLE_BITS = ("fp32", "fp16")
+EXPORTABLE_BITS = ("fp32", "fp16", "w8a8", "w8a16")
+METHODS = ("dq", "nncf")
 
 
 @dataclass(frozen=True)
 class Recipe:
     bits: str = "fp32"
+    method: str = "dq"  # dq: this project's timestep-aware PTQ; nncf: OpenVINO's own
     image_size: int | None = None  # None: the model's native size
-    seed: int = 0  # seeds random initialisation (``--init random``)
+    seed: int = 0  # seeds random initialisation (``--init random``) and calibration noise
     opset: int = 17
+    # timestep-aware quantization
+    groups: int = 4  # timestep groups, each with its own activation scales
+    group_split: str = "auto"  # boundaries: uniform along the trajectory, or from statistics
+    estimator: str = "mse"  # activation range estimator
+    time_tables: bool = True  # per-step scales on the time-embedding path (TFMQ-DM)
+    split_shortcut: bool = True  # separate scales for the two halves of skip concats
+    # calibration: the deployment the scales are fitted for
+    calib_scheduler: str = "pndm"
+    calib_steps: int = 50
+    calib_prompts: int = 16
+    calib_every: int = 1
+    calib_batch: int = 4
     version: int = RECIPE_VERSION
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits not in ("fp32", "fp16")
+
+    @property
+    def activations_quantized(self) -> bool:
+        return self.bits.endswith("a8")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +65,24 @@ class Recipe:
             raise UserError(f"recipe version {data['version']} is newer than this dq-export "
                             f"understands ({RECIPE_VERSION}): upgrade dq-export")
         return cls(**data)
+
+    def check(self) -> Recipe:
+        """Validate every field; a UserError names the field and the valid values."""
+        choices = {"bits": BITS, "method": METHODS, "estimator": ESTIMATORS,
+                   "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise UserError(f"{name} {getattr(self, name)!r} is not valid: use one of "
+                                f"{', '.join(valid)}")
+        for name in ("groups", "calib_steps", "calib_prompts", "calib_every", "calib_batch"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.method == "nncf" and self.bits != "w8a8":
+            raise UserError("--method nncf exports W8A8 only (OpenVINO's own post-training "
+                            "quantization): use --bits w8a8")
+        if self.image_size is not None:
+            check_image_size(self.image_size)
+        return self
 
 
 def parse_bits(text: str) -> str:

@@ -39,3 +39,19 @@ def tiny_pipeline(tiny_export):
     from deploy import Pipeline
 
     return Pipeline.load(tiny_export)
+
+
+TINY_CALIBRATION = dict(calib_steps=10, calib_prompts=4, calib_batch=2, groups=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a8(tmp_path_factory):
+    """tiny-sd (seed 0) at W8A8: 4 auto groups, calibrated on 4 prompts x 10 PNDM steps."""
+    from dq_export.export import export
+    from dq_export.recipe import Recipe
+
+    root = tmp_path_factory.mktemp("w8a8")
+    out = root / "tiny-sd-w8a8"
+    export("tiny-sd", out, Recipe(bits="w8a8", seed=0, **TINY_CALIBRATION), init="random",
+           calibration_dir=root / "calibration")
+    return out

@@ -1,0 +1,1 @@
+"""Timestep-aware calibration: trajectory inputs, per-step statistics, groups, fitted scales."""

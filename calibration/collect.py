@@ -1,0 +1,207 @@
+"""Calibration set and statistics along the FP32 sampler trajectory (Q-Diffusion, Alg. 1).
+
+For each batch of prompts the FP32 torch pipeline runs the deployed sampler; at every c-th
+step the UNet inputs (x_t, t, [uncond; cond] text embeddings) are saved, and hooks add every
+quantized layer's input to per-step histograms in the same forward pass. Both are cached:
+after each batch the running statistics are checkpointed with the number of batches done,
+so an interrupted collection resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from calibration.statistics import StepStatistics, recording, statistic_keys
+from dq_export.errors import UserError
+
+PROMPTS_FILE = Path(__file__).parent / "prompts.txt"
+CACHE_ENV = "DQ_EXPORT_CACHE"
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    scheduler: str = "pndm"
+    steps: int = 50  # sampler steps of the deployment being calibrated
+    num_prompts: int = 16  # n: prompts, each giving a cond and an uncond sample per step
+    every: int = 1  # c: record every c-th distinct timestep
+    batch_size: int = 4  # prompts per FP32 pipeline run
+    guidance: float = 7.5
+    seed: int = 0
+
+
+def read_prompts(path: Path | None) -> list[str]:
+    path = Path(path) if path else PROMPTS_FILE
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist: give a text file, one prompt a line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p]
+    if not prompts:
+        raise UserError(f"prompt file {path} has no prompts: write one prompt a line")
+    return prompts
+
+
+def choose_prompts(prompts: list[str], settings: CalibrationSettings) -> list[str]:
+    """A seeded sample of ``num_prompts`` prompts (all of them, cycled, if fewer)."""
+    order = list(range(len(prompts)))
+    random.Random(settings.seed).shuffle(order)
+    return [prompts[order[i % len(order)]] for i in range(settings.num_prompts)]
+
+
+def calibrated_timesteps(scheduler_config: dict, settings: CalibrationSettings) -> list[int]:
+    """Distinct timesteps of the sampler trajectory, every c-th, in sampling order."""
+    from deploy.schedulers import make_scheduler
+
+    sampler = make_scheduler(settings.scheduler, scheduler_config)
+    sampler.set_timesteps(settings.steps)
+    distinct = list(dict.fromkeys(int(round(float(t))) for t in sampler.timesteps))
+    return distinct[::settings.every]
+
+
+def cache_identity(components, settings: CalibrationSettings, prompts: list[str],
+                   image_size: int) -> dict:
+    """Everything the cached data depends on; a cache is reused only when all of it matches."""
+    return {"model": components.source, "unet_config": dict(components.unet.config),
+            "settings": asdict(settings), "image_size": image_size,
+            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+
+
+def default_cache_dir(identity: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode())
+    root = Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "dq-export"))
+    return root / "calibration" / digest.hexdigest()[:16]
+
+
+def open_cache(cache_dir: Path, identity: dict) -> None:
+    """Create the cache folder, or check that an existing one was made for the same job."""
+    meta = cache_dir / "meta.json"
+    expected = json.loads(json.dumps(identity, default=str))
+    if meta.is_file():
+        found = json.loads(meta.read_text())
+        differs = [k for k in expected if found.get(k) != expected[k]]
+        if differs:
+            raise UserError(f"calibration cache {cache_dir} was made for a different model or "
+                            f"recipe ({', '.join(differs)} differ): delete it or use another "
+                            "--calibration-dir")
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(expected, indent=2) + "\n")
+
+
+def collect(components, settings: CalibrationSettings, prompts: list[str], image_size: int,
+            cache_dir: Path | None = None, progress: bool = True) -> tuple[StepStatistics, dict]:
+    """Run (or resume) collection; return the statistics and a summary for the manifest."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from deploy.sampler import denoise, initial_latents, step_kwargs
+    from deploy.schedulers import make_scheduler
+
+    chosen = choose_prompts(prompts, settings)
+    identity = cache_identity(components, settings, chosen, image_size)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(identity)
+    open_cache(cache_dir, identity)
+    timesteps = calibrated_timesteps(components.scheduler_config, settings)
+    checkpoint = cache_dir / "stats.safetensors"
+    stats, done, seconds = StepStatistics(statistic_keys(components.unet), len(timesteps)), 0, 0.0
+    if checkpoint.is_file():
+        stats, meta = StepStatistics.load(checkpoint)
+        done, seconds = int(meta["batches_done"]), float(meta["seconds"])
+    batches = [chosen[i:i + settings.batch_size]
+               for i in range(0, len(chosen), settings.batch_size)]
+    vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    latent = image_size // vae_factor
+    unet = components.unet
+    recorder = TrajectoryRecorder(unet, {t: k for k, t in enumerate(timesteps)})
+    bar = tqdm(total=len(batches), initial=done, desc="calibration batches", disable=not progress)
+    with recording(unet, stats, lambda: recorder.step), torch.no_grad():
+        for b in range(done, len(batches)):
+            start = time.perf_counter()
+            recorder.reset()
+            embeddings = np.concatenate([_encode(components, [""] * len(batches[b])),
+                                         _encode(components, batches[b])])
+            sampler = make_scheduler(settings.scheduler, components.scheduler_config)
+            sampler.set_timesteps(settings.steps)
+            generator = torch.Generator().manual_seed(settings.seed + b)
+            latents = initial_latents((len(batches[b]), unet.config.in_channels, latent, latent),
+                                      sampler, generator)
+            denoise(recorder, embeddings, sampler, latents, settings.guidance,
+                    step_kwargs(sampler, 0.0, generator))
+            _save_inputs(cache_dir / "inputs" / f"batch-{b:04d}.safetensors", recorder,
+                         embeddings)
+            seconds += time.perf_counter() - start
+            stats.save(checkpoint, {"batches_done": str(b + 1), "seconds": f"{seconds:.2f}"})
+            bar.update(1)
+    bar.close()
+    summary = {"prompts": len(chosen), "samples_per_step": 2 * len(chosen),
+               "calibrated_timesteps": timesteps, "scheduler": settings.scheduler,
+               "steps": settings.steps, "every": settings.every, "guidance": settings.guidance,
+               "seconds": round(seconds, 1), "cache_dir": str(cache_dir)}
+    return stats, summary
+
+
+class TrajectoryRecorder:
+    """The FP32 torch UNet as a ``denoise`` callable that marks calibrated steps for the hooks
+    and keeps the inputs it saw at them."""
+
+    def __init__(self, unet, step_of: dict[int, int]):
+        self.unet, self.step_of = unet, step_of
+        self.step: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        self.samples: list[np.ndarray] = []
+        self.timesteps: list[float] = []
+
+    def __call__(self, sample: np.ndarray, t: float, embeddings: np.ndarray) -> np.ndarray:
+        import torch
+
+        self.step = self.step_of.get(int(round(t)))
+        if self.step is not None:
+            self.samples.append(sample)
+            self.timesteps.append(t)
+        out = self.unet(torch.from_numpy(sample), torch.tensor(t), torch.from_numpy(embeddings))
+        self.step = None
+        return out.sample.numpy()
+
+
+def _encode(components, prompts: list[str]) -> np.ndarray:
+    import torch
+
+    tok = components.tokenizer
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt").input_ids
+    with torch.no_grad():
+        return components.text_encoder(ids)[0].numpy()
+
+
+def _save_inputs(path: Path, recorder: TrajectoryRecorder, embeddings: np.ndarray) -> None:
+    """The UNet inputs of one batch at its calibrated steps (for NNCF and fidelity checks)."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({"sample": np.stack(recorder.samples).astype(np.float32),
+               "timestep": np.asarray(recorder.timesteps, dtype=np.float32),
+               "encoder_hidden_states": embeddings.astype(np.float32)}, str(tmp))
+    tmp.replace(path)
+
+
+def load_inputs(cache_dir: Path) -> list[dict[str, np.ndarray]]:
+    """Every cached UNet input as one dict per call (sample, timestep, encoder_hidden_states)."""
+    from safetensors.numpy import load_file
+
+    calls = []
+    for path in sorted((Path(cache_dir) / "inputs").glob("batch-*.safetensors")):
+        data = load_file(str(path))
+        for sample, t in zip(data["sample"], data["timestep"]):
+            calls.append({"sample": sample, "timestep": np.full(len(sample), t, np.float32),
+                          "encoder_hidden_states": data["encoder_hidden_states"]})
+    return calls

@@ -1,0 +1,94 @@
+"""Fitted quantization parameters: statistics + recipe -> one scale per quantizer and group.
+
+The result is plain data (JSON-serialisable), written into the export beside the graphs.
+Weights need no fitting: their per-channel scales follow from the weights themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from calibration.estimators import estimate
+from calibration.groups import auto_groups, uniform_groups
+from calibration.histogram import merge
+from calibration.layers import is_time_embedding_layer
+from calibration.quant_math import activation_dtype, activation_scale
+from calibration.statistics import StepStatistics
+
+
+@dataclass
+class ActivationQuantizer:
+    dtype: str  # "uint8" (input never negative) or "int8" (symmetric)
+    group_scales: list[float]  # y_scale per timestep group
+    step_scales: list[float] | None = None  # y_scale per calibrated step (time-embedding path)
+
+
+@dataclass
+class QuantParams:
+    timesteps: list[int]  # calibrated timesteps, in sampling order
+    groups: list[list[int]]  # indices into ``timesteps``, one list per group
+    activations: dict[str, ActivationQuantizer]
+
+    def group_of(self) -> list[int]:
+        """Group index of every calibrated step."""
+        table = [0] * len(self.timesteps)
+        for g, steps in enumerate(self.groups):
+            for s in steps:
+                table[s] = g
+        return table
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantParams:
+        acts = {k: ActivationQuantizer(**v) for k, v in data["activations"].items()}
+        return cls(data["timesteps"], data["groups"], acts)
+
+
+def step_thresholds(stats: StepStatistics, estimator: str) -> np.ndarray:
+    """[quantizers, steps] clipping thresholds, each step fitted alone."""
+    return np.array([[estimate(stats.histogram(key, [s]), estimator)
+                      for s in range(stats.num_steps)] for key in stats.keys])
+
+
+def choose_groups(stats: StepStatistics, groups: int, split: str, estimator: str) -> list[list[int]]:
+    if split == "auto":
+        return auto_groups(step_thresholds(stats, estimator), groups)
+    return uniform_groups(stats.num_steps, groups)
+
+
+def fit(stats: StepStatistics, timesteps: list[int], groups: int, split: str, estimator: str,
+        time_tables: bool = True, split_shortcut: bool = True) -> QuantParams:
+    """Fit every input quantizer per group, and per step on the time-embedding path."""
+    if not stats.steps_seen().all():
+        missing = np.flatnonzero(~stats.steps_seen()).tolist()
+        raise ValueError(f"statistics have no data for calibrated steps {missing}")
+    chosen = choose_groups(stats, groups, split, estimator)
+    everything = list(range(stats.num_steps))
+    activations = {}
+    for key, sources in quantizer_sources(stats.keys, split_shortcut).items():
+        def hist(steps):
+            return merge([stats.histogram(source, steps) for source in sources])
+
+        dtype = activation_dtype(hist(everything).min)
+        scales = [float(activation_scale(estimate(hist(g), estimator), dtype)) for g in chosen]
+        per_step = None
+        if time_tables and is_time_embedding_layer(key):
+            per_step = [float(activation_scale(estimate(hist([s]), estimator), dtype))
+                        for s in everything]
+        activations[key] = ActivationQuantizer(dtype, scales, per_step)
+    return QuantParams(list(timesteps), chosen, activations)
+
+
+def quantizer_sources(keys: list[str], split_shortcut: bool) -> dict[str, list[str]]:
+    """Quantizer name -> statistics keys it is fitted on. Statistics always keep the two
+    halves of a skip concatenation apart; without split quantization one quantizer covers
+    both, and its histogram is their sum (same grid, so the merge is exact)."""
+    sources: dict[str, list[str]] = {}
+    for key in keys:
+        name = key.split("#")[0] if not split_shortcut else key
+        sources.setdefault(name, []).append(key)
+    return sources

@@ -1,0 +1,48 @@
+"""Which UNet layers are quantized, and the roles the method gives some of them.
+
+- every Conv2d and Linear gets int8 per-channel weights and a per-tensor input quantizer;
+- the time-embedding path (time_embedding.linear_1/2, each ResNet's time_emb_proj) sees
+  inputs that depend only on t, so it gets one input scale per sampler step (TFMQ-DM);
+- each up-path ResNet's conv_shortcut reads the concatenation [hidden, skip]; its two
+  halves get their own scales (Q-Diffusion's split shortcut quantization);
+- conv_in, conv_out and the shortcut convs stay at 8 bits in lower-bit recipes (RAQ).
+"""
+
+from __future__ import annotations
+
+
+def quantized_layers(unet) -> dict:
+    """name -> module for every Conv2d and Linear of the UNet, in module order."""
+    import torch
+
+    return {name: module for name, module in unet.named_modules()
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear))}
+
+
+def is_time_embedding_layer(name: str) -> bool:
+    return name.startswith("time_embedding.") or name.endswith("time_emb_proj")
+
+
+def is_protected_layer(name: str) -> bool:
+    return name in ("conv_in", "conv_out") or name.endswith("conv_shortcut")
+
+
+def shortcut_splits(unet) -> dict[str, int]:
+    """up-path conv_shortcut name -> channels of the first (hidden) half of its input.
+
+    Follows diffusers' up blocks: resnet j of up block b reads cat([hidden, skip]) where
+    hidden comes from the previous resnet, or from the previous block (the mid block for b=0).
+    """
+    splits = {}
+    hidden = unet.config.block_out_channels[-1]
+    for b, block in enumerate(unet.up_blocks):
+        for j, resnet in enumerate(block.resnets):
+            if resnet.conv_shortcut is not None:
+                splits[f"up_blocks.{b}.resnets.{j}.conv_shortcut"] = hidden
+            hidden = resnet.out_channels
+    return splits
+
+
+def activation_keys(name: str, splits: dict[str, int]) -> list[str]:
+    """Names of the input quantizers of one layer: two for a split shortcut, else one."""
+    return [f"{name}#0", f"{name}#1"] if name in splits else [name]

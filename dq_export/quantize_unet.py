@@ -1,0 +1,93 @@
+"""The timestep-aware quantized UNet: calibrate, fit, and write one QDQ graph per group.
+
+All group graphs reference one external weight file (the int8 weights are on disk once);
+they differ only in their activation scales, which are small inline initializers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx
+
+from calibration.collect import CalibrationSettings, collect, read_prompts
+from calibration.fit import QuantParams, fit
+from calibration.layers import quantized_layers, shortcut_splits
+from dq_export.qdq import STEP_INDEX, build_qdq_unet, set_group
+
+WEIGHTS_FILE = "unet_weights.data"
+
+
+def calibration_settings(recipe) -> CalibrationSettings:
+    return CalibrationSettings(scheduler=recipe.calib_scheduler, steps=recipe.calib_steps,
+                               num_prompts=recipe.calib_prompts, every=recipe.calib_every,
+                               batch_size=recipe.calib_batch, seed=recipe.seed)
+
+
+def calibrate_and_fit(components, recipe, image_size: int, prompts_file: Path | None,
+                      cache_dir: Path | None, stage) -> tuple[QuantParams, dict]:
+    with stage("calibration: FP32 trajectories and per-step statistics"):
+        stats, summary = collect(components, calibration_settings(recipe),
+                                 read_prompts(prompts_file), image_size, cache_dir)
+    with stage("fit activation scales per group"):
+        params = fit(stats, summary["calibrated_timesteps"], recipe.groups, recipe.group_split,
+                     recipe.estimator, recipe.time_tables, recipe.split_shortcut)
+    return params, summary
+
+
+def weight_bits(unet) -> dict[str, int]:
+    """Bits of every quantized layer's weights: 8 for all in the recipes exported so far."""
+    return {name: 8 for name in quantized_layers(unet)}
+
+
+def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
+                       params: QuantParams | None) -> list[Path]:
+    """QDQ graphs, one per group (one graph when activations stay in float)."""
+    model = onnx.load(str(fp32_onnx), load_external_data=True)
+    splits = shortcut_splits(unet) if recipe.split_shortcut else {}
+    build_qdq_unet(model, params, splits, weight_bits(unet), params is not None)
+    groups = len(params.groups) if params is not None else 1
+    paths = []
+    for g in range(groups):
+        path = out_dir / (f"unet_group{g}.onnx" if params is not None else "unet_qdq.onnx")
+        if params is not None:
+            set_group(model, params, g)
+        if g == 0:  # writes the shared weight file; later groups keep its references
+            onnx.save_model(model, str(path), save_as_external_data=True,
+                            all_tensors_to_one_file=True, location=WEIGHTS_FILE,
+                            size_threshold=1024)
+        else:
+            onnx.save_model(model, str(path))
+        paths.append(path)
+    return paths
+
+
+def quantization_manifest(recipe, params: QuantParams | None, summary: dict | None) -> dict:
+    """What the manifest says about the quantized UNet, for people and for deploy."""
+    entry = {
+        "method": "dq", "bits": recipe.bits,
+        "weights": "int8, symmetric, per output channel: every Conv and Linear of the UNet",
+        "activations": ("int8 per tensor (uint8 where never negative) at every Conv and Linear "
+                        "input; attention scores, softmax and norms in float"
+                        if params is not None else "float (weight-only)"),
+        "text_encoder_and_vae": "fp32",
+    }
+    if params is None:
+        return entry
+    timesteps = params.timesteps
+    entry.update({
+        "params": "quant_params.json",
+        "step_index_input": STEP_INDEX if any(q.step_scales for q in params.activations.values())
+        else None,
+        "timesteps": timesteps,
+        "step_to_group": params.group_of(),
+        "groups": [{"steps": steps, "timesteps": [timesteps[steps[0]], timesteps[steps[-1]]]}
+                   for steps in params.groups],
+        "calibration": summary,
+    })
+    return entry
+
+
+def write_params(root: Path, params: QuantParams) -> None:
+    (root / "quant_params.json").write_text(json.dumps(params.to_dict()) + "\n")

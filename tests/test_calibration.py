@@ -1,0 +1,100 @@
+"""Calibration collection: caching, resuming, and the errors a user can hit."""
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.collect import CalibrationSettings, calibrated_timesteps, collect, read_prompts
+from calibration.layers import shortcut_splits
+from dq_export.errors import UserError
+from dq_export.export import export
+from dq_export.loading import load_components
+from dq_export.recipe import Recipe
+
+SETTINGS = CalibrationSettings(steps=4, num_prompts=4, batch_size=2)
+PROMPTS = ["a handwritten digit 1", "a handwritten digit 2", "a digit 3", "a red 4"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_components("tiny-sd", "random", seed=0)
+
+
+def test_shipped_prompt_file_has_enough_varied_prompts():
+    prompts = read_prompts(None)
+    assert len(prompts) >= 128 and len(set(prompts)) == len(prompts)
+
+
+def test_missing_or_empty_prompt_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        read_prompts(tmp_path / "nope.txt")
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    with pytest.raises(UserError, match="no prompts"):
+        read_prompts(tmp_path / "empty.txt")
+    with pytest.raises(UserError, match="does not exist"):
+        export("tiny-sd", tmp_path / "out", Recipe(bits="w8a8"), init="random",
+               prompts=tmp_path / "nope.txt")
+    assert not (tmp_path / "out").exists()
+
+
+def test_statistics_cover_every_step_and_both_shortcut_halves(tiny, tmp_path):
+    stats, summary = collect(tiny, SETTINGS, PROMPTS, 64, tmp_path, progress=False)
+    assert summary["calibrated_timesteps"] == calibrated_timesteps(tiny.scheduler_config, SETTINGS)
+    assert stats.steps_seen().all() and stats.num_steps == 4
+    split = next(iter(shortcut_splits(tiny.unet)))
+    assert f"{split}#0" in stats.keys and f"{split}#1" in stats.keys
+    # 4 prompts x (cond + uncond) = 8 rows of conv_in's input per step, 4x16x16 each
+    assert stats.histogram("conv_in", [0]).total == 8 * 4 * 16 * 16
+
+
+def test_interrupted_collection_resumes_to_the_same_statistics(tiny, tmp_path, monkeypatch):
+    full, _ = collect(tiny, SETTINGS, PROMPTS, 64, tmp_path / "full", progress=False)
+    import calibration.collect as collect_module
+
+    original = collect_module._save_inputs
+    calls = {"n": 0}
+
+    def crash_on_second_batch(*args):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        original(*args)
+
+    monkeypatch.setattr(collect_module, "_save_inputs", crash_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        collect(tiny, SETTINGS, PROMPTS, 64, tmp_path / "resumed", progress=False)
+    monkeypatch.setattr(collect_module, "_save_inputs", original)
+    resumed, summary = collect(tiny, SETTINGS, PROMPTS, 64, tmp_path / "resumed", progress=False)
+    np.testing.assert_array_equal(full.pos, resumed.pos)
+    np.testing.assert_array_equal(full.max, resumed.max)
+
+
+def test_cache_of_another_model_or_recipe_is_detected(tiny, tmp_path):
+    collect(tiny, SETTINGS, PROMPTS, 64, tmp_path, progress=False)
+    other = CalibrationSettings(steps=5, num_prompts=4, batch_size=2)
+    with pytest.raises(UserError, match="different model or recipe.*settings"):
+        collect(tiny, other, PROMPTS, 64, tmp_path, progress=False)
+    reseeded = load_components("tiny-sd", "random", seed=1)
+    with pytest.raises(UserError, match="model"):
+        collect(reseeded, SETTINGS, PROMPTS, 64, tmp_path, progress=False)
+
+
+def test_non_finite_activation_names_the_layer_and_step(tmp_path):
+    broken = load_components("tiny-sd", "random", seed=0)
+    with torch.no_grad():
+        broken.unet.mid_block.resnets[0].conv1.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(UserError, match=r"mid_block\.resnets\.0\.conv2.*step 0"):
+        collect(broken, SETTINGS, PROMPTS, 64, tmp_path, progress=False)
+
+
+def test_weight_only_export_has_one_graph_and_int8_weights(tmp_path):
+    import onnx
+
+    manifest = export("tiny-sd", tmp_path / "w8a16", Recipe(bits="w8a16"), init="random")
+    assert manifest["components"]["unet"] == {"onnx": "onnx/unet_qdq.onnx",
+                                              "openvino": "openvino/unet_qdq.xml"}
+    assert manifest["quantization"]["activations"] == "float (weight-only)"
+    model = onnx.load(str(tmp_path / "w8a16" / "onnx" / "unet_qdq.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert "DequantizeLinear" in ops and "QuantizeLinear" not in ops
+    assert not (tmp_path / "w8a16" / "onnx" / "unet.onnx").exists()
