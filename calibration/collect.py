@@ -68,7 +68,8 @@ def calibrated_timesteps(scheduler_config: dict, settings: CalibrationSettings) 
 def cache_identity(components, settings: CalibrationSettings, prompts: list[str],
                    image_size: int) -> dict:
     """Everything the cached data depends on; a cache is reused only when all of it matches."""
-    return {"model": components.source, "unet_config": dict(components.unet.config),
+    architecture = {k: v for k, v in components.unet.config.items() if not k.startswith("_")}
+    return {"model": components.source, "unet_config": architecture,
             "settings": asdict(settings), "image_size": image_size,
             "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
 
@@ -133,7 +134,7 @@ def collect(components, settings: CalibrationSettings, prompts: list[str], image
             latents = initial_latents((len(batches[b]), unet.config.in_channels, latent, latent),
                                       sampler, generator)
             denoise(recorder, embeddings, sampler, latents, settings.guidance,
-                    step_kwargs(sampler, 0.0, generator))
+                    step_kwargs(sampler, 0.0, generator), progress=progress)
             _save_inputs(cache_dir / "inputs" / f"batch-{b:04d}.safetensors", recorder,
                          embeddings)
             seconds += time.perf_counter() - start

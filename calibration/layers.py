@@ -4,8 +4,7 @@
 - the time-embedding path (time_embedding.linear_1/2, each ResNet's time_emb_proj) sees
   inputs that depend only on t, so it gets one input scale per sampler step (TFMQ-DM);
 - each up-path ResNet's conv_shortcut reads the concatenation [hidden, skip]; its two
-  halves get their own scales (Q-Diffusion's split shortcut quantization);
-- conv_in, conv_out and the shortcut convs stay at 8 bits in lower-bit recipes (RAQ).
+  halves get their own scales (Q-Diffusion's split shortcut quantization).
 """
 
 from __future__ import annotations
@@ -21,10 +20,6 @@ def quantized_layers(unet) -> dict:
 
 def is_time_embedding_layer(name: str) -> bool:
     return name.startswith("time_embedding.") or name.endswith("time_emb_proj")
-
-
-def is_protected_layer(name: str) -> bool:
-    return name in ("conv_in", "conv_out") or name.endswith("conv_shortcut")
 
 
 def shortcut_splits(unet) -> dict[str, int]:

@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-scheduler", default=d.calib_scheduler)
     c.add_argument("--calib-steps", type=int, default=d.calib_steps)
     c.add_argument("--calib-prompts", type=int, default=d.calib_prompts,
-                   help=f"n: prompts used (default {d.calib_prompts})")
+                   help="n: prompts used (default: 16 for tiny-sd, 2 for the SD models)")
     c.add_argument("--calib-every", type=int, default=d.calib_every,
                    help="c: record every c-th step (default 1)")
     c.add_argument("--calib-batch", type=int, default=d.calib_batch,

@@ -14,14 +14,16 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
+from calibration.collect import read_prompts
 from dq_export import __version__
 from dq_export.errors import UserError
 from dq_export.loading import check_model_arg
-from calibration.collect import read_prompts
 from dq_export.recipe import EXPORTABLE_BITS, Recipe
+from dq_export.registry import default_calib_prompts
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
@@ -81,6 +83,7 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     if prompts is not None:
         read_prompts(prompts)  # fail now, not after loading the model
     check_model_arg(model)
+    recipe = replace(recipe, calib_prompts=recipe.calib_prompts or default_calib_prompts(model))
     out = Path(out)
     prepare_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,13 +100,19 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
 
 def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Path | None,
                  calibration_dir: Path | None) -> dict:
+    from calibration.collect import collect, load_inputs
+    from calibration.fit import fit
     from dq_export.loading import load_components
     from dq_export.manifest import write_manifest
+    from dq_export.nncf_baseline import quantize_unet_ir
     from dq_export.onnx_export import export_components
     from dq_export.openvino_convert import convert_to_ir
+    from dq_export.quantize_unet import (calibration_settings, quantization_manifest,
+                                         write_group_graphs, write_params)
 
     calibrates = recipe.activations_quantized
-    stage = StageLog(total=2 + 2 * len(COMPONENTS) + 2 * calibrates + recipe.quantized)
+    fits = calibrates and recipe.method == "dq"
+    stage = StageLog(total=2 + 2 * len(COMPONENTS) + calibrates + fits + recipe.quantized)
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
     size = recipe.image_size or components.image_size
@@ -112,28 +121,37 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
         raise UserError(f"image size {size} is not a multiple of the VAE factor {vae_factor}")
     params = summary = None
     if calibrates:
-        from dq_export.quantize_unet import calibrate_and_fit
-
-        params, summary = calibrate_and_fit(components, recipe, size, prompts, calibration_dir,
-                                            stage)
+        with stage("calibration: FP32 trajectories and per-step statistics"):
+            stats, summary = collect(components, calibration_settings(recipe),
+                                     read_prompts(prompts), size, calibration_dir)
+    if fits:
+        with stage("fit activation scales per group"):
+            params = fit(stats, summary["calibrated_timesteps"], recipe.groups,
+                         recipe.group_split, recipe.estimator, recipe.time_tables,
+                         recipe.split_shortcut)
     onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
                                    stage)
     graphs = {name: [path] for name, path in onnx_paths.items()}
-    if recipe.quantized:
-        from dq_export.quantize_unet import write_group_graphs
-
+    if recipe.quantized and recipe.method == "dq":
         with stage("QDQ graphs per timestep group"):
             fp32_unet = graphs["unet"][0]
             graphs["unet"] = write_group_graphs(fp32_unet, root / "onnx", components.unet,
                                                 recipe, params)
-            for leftover in (fp32_unet, fp32_unet.with_name(fp32_unet.name + ".data")):
-                leftover.unlink(missing_ok=True)
+            _remove_graph(fp32_unet)
     ir_paths = {}
     for name, paths in graphs.items():
         with stage(f"OpenVINO IR: {name}"):
             ir_paths[name] = [convert_to_ir(p, root / "openvino" / f"{p.stem}.xml",
                                             compress_to_fp16=recipe.bits == "fp16")
                               for p in paths]
+    nncf_settings = None
+    if recipe.method == "nncf":
+        with stage("NNCF quantize: UNet IR"):
+            fp32_xml = ir_paths["unet"][0]
+            nncf_xml = fp32_xml.with_name("unet_nncf.xml")
+            nncf_settings = quantize_unet_ir(fp32_xml, nncf_xml, load_inputs(summary["cache_dir"]))
+            _remove_graph(fp32_xml)
+            ir_paths["unet"] = [nncf_xml]
     with stage("tokenizer, hashes and manifest"):
         components.tokenizer.save_pretrained(root / "tokenizer")
         body = {
@@ -153,12 +171,16 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
                              "machine": platform.machine(), "cpu_count": os.cpu_count()},
         }
         if recipe.quantized:
-            from dq_export.quantize_unet import quantization_manifest, write_params
-
-            body["quantization"] = quantization_manifest(recipe, params, summary)
+            body["quantization"] = quantization_manifest(recipe, params, summary, nncf_settings)
             if params is not None:
                 write_params(root, params)
         return write_manifest(root, body)
+
+
+def _remove_graph(path: Path) -> None:
+    """Delete an intermediate graph and its weights (.onnx + .onnx.data, or .xml + .bin)."""
+    for leftover in (path, path.with_name(path.name + ".data"), path.with_suffix(".bin")):
+        leftover.unlink(missing_ok=True)
 
 
 def _component_entry(onnx_paths: list[Path], ir_paths: list[Path], root: Path) -> dict:

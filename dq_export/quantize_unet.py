@@ -11,8 +11,8 @@ from pathlib import Path
 
 import onnx
 
-from calibration.collect import CalibrationSettings, collect, read_prompts
-from calibration.fit import QuantParams, fit
+from calibration.collect import CalibrationSettings
+from calibration.fit import QuantParams
 from calibration.layers import quantized_layers, shortcut_splits
 from dq_export.qdq import STEP_INDEX, build_qdq_unet, set_group
 
@@ -23,17 +23,6 @@ def calibration_settings(recipe) -> CalibrationSettings:
     return CalibrationSettings(scheduler=recipe.calib_scheduler, steps=recipe.calib_steps,
                                num_prompts=recipe.calib_prompts, every=recipe.calib_every,
                                batch_size=recipe.calib_batch, seed=recipe.seed)
-
-
-def calibrate_and_fit(components, recipe, image_size: int, prompts_file: Path | None,
-                      cache_dir: Path | None, stage) -> tuple[QuantParams, dict]:
-    with stage("calibration: FP32 trajectories and per-step statistics"):
-        stats, summary = collect(components, calibration_settings(recipe),
-                                 read_prompts(prompts_file), image_size, cache_dir)
-    with stage("fit activation scales per group"):
-        params = fit(stats, summary["calibrated_timesteps"], recipe.groups, recipe.group_split,
-                     recipe.estimator, recipe.time_tables, recipe.split_shortcut)
-    return params, summary
 
 
 def weight_bits(unet) -> dict[str, int]:
@@ -63,8 +52,15 @@ def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
     return paths
 
 
-def quantization_manifest(recipe, params: QuantParams | None, summary: dict | None) -> dict:
+def quantization_manifest(recipe, params: QuantParams | None, summary: dict | None,
+                          nncf_settings: dict | None = None) -> dict:
     """What the manifest says about the quantized UNet, for people and for deploy."""
+    if nncf_settings is not None:
+        return {"method": "nncf", "bits": recipe.bits, "nncf": nncf_settings,
+                "weights_and_activations": "chosen by nncf.quantize on the OpenVINO IR; "
+                                           "one set of scales for all steps",
+                "onnx": "the FP32 source graph (NNCF quantizes the OpenVINO model)",
+                "text_encoder_and_vae": "fp32", "calibration": summary}
     entry = {
         "method": "dq", "bits": recipe.bits,
         "weights": "int8, symmetric, per output channel: every Conv and Linear of the UNet",

@@ -38,7 +38,7 @@ class Recipe:
     # calibration: the deployment the scales are fitted for
     calib_scheduler: str = "pndm"
     calib_steps: int = 50
-    calib_prompts: int = 16
+    calib_prompts: int | None = None  # None: the model's default (see the registry)
     calib_every: int = 1
     calib_batch: int = 4
     version: int = RECIPE_VERSION
@@ -75,7 +75,7 @@ class Recipe:
                 raise UserError(f"{name} {getattr(self, name)!r} is not valid: use one of "
                                 f"{', '.join(valid)}")
         for name in ("groups", "calib_steps", "calib_prompts", "calib_every", "calib_batch"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.method == "nncf" and self.bits != "w8a8":
             raise UserError("--method nncf exports W8A8 only (OpenVINO's own post-training "

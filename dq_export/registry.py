@@ -24,6 +24,7 @@ class ModelSpec:
     image_size: int
     description: str
     embedded: bool = False  # weights (if any) live in the repo beside the configs
+    calib_prompts: int = 2  # default calibration prompts (cond + uncond: 4 samples a step)
 
     @property
     def config_dir(self) -> Path:
@@ -34,7 +35,7 @@ REGISTRY: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in (
         ModelSpec("tiny-sd", (), 64, "embedded Stable-Diffusion-structured model (default)",
-                  embedded=True),
+                  embedded=True, calib_prompts=16),
         ModelSpec("sd14", ("CompVis/stable-diffusion-v1-4",), 512, "Stable Diffusion v1.4"),
         ModelSpec("sd15", ("stable-diffusion-v1-5/stable-diffusion-v1-5",
                            "runwayml/stable-diffusion-v1-5"), 512, "Stable Diffusion v1.5"),
@@ -59,6 +60,11 @@ def get_spec(name: str) -> ModelSpec:
 def unknown_model_error(name: str) -> UserError:
     return UserError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, "
                      "or the path of a local diffusers folder")
+
+
+def default_calib_prompts(model: str) -> int:
+    """Calibration prompts when the recipe leaves it open: the registry's, or 4 for a folder."""
+    return REGISTRY[model].calib_prompts if model in REGISTRY else ModelSpec.calib_prompts
 
 
 def has_weights(folder: Path) -> bool:

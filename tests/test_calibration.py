@@ -98,3 +98,11 @@ def test_weight_only_export_has_one_graph_and_int8_weights(tmp_path):
     ops = {n.op_type for n in model.graph.node}
     assert "DequantizeLinear" in ops and "QuantizeLinear" not in ops
     assert not (tmp_path / "w8a16" / "onnx" / "unet.onnx").exists()
+
+
+def test_cache_identity_is_stable_between_processes(tiny):
+    """Private diffusers config keys (an unordered _use_default_values list) stay out."""
+    from calibration.collect import cache_identity
+
+    identity = cache_identity(tiny, SETTINGS, PROMPTS, 64)
+    assert not any(key.startswith("_") for key in identity["unet_config"])

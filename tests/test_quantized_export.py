@@ -164,3 +164,26 @@ def test_quantized_tiny_sd_generates_close_to_fp32(tiny_w8a8, tiny_export):
         psnr = 10 * np.log10(255**2 / mse)
         print(f"tiny-sd W8A8 G=4 vs FP32, {steps} PNDM steps, seed 3: PSNR {psnr:.1f} dB")
         assert psnr > 30
+
+
+def test_nncf_baseline_reuses_the_calibration_and_runs(tiny_w8a8, tmp_path):
+    """--method nncf: OpenVINO's own W8A8 on the same cached inputs, same export format."""
+    import openvino as ov
+
+    from conftest import TINY_CALIBRATION
+    from dq_export.export import export
+    from dq_export.recipe import Recipe
+
+    cache = json.loads((tiny_w8a8 / "manifest.json").read_text())["quantization"][
+        "calibration"]["cache_dir"]
+    out = tmp_path / "nncf"
+    manifest = export("tiny-sd", out, Recipe(bits="w8a8", method="nncf", seed=0,
+                                             **TINY_CALIBRATION),
+                      init="random", calibration_dir=cache)
+    q = manifest["quantization"]
+    assert q["method"] == "nncf" and q["nncf"]["model_type"] == "transformer"
+    assert q["calibration"]["cache_dir"] == cache
+    model = ov.Core().read_model(out / manifest["components"]["unet"]["openvino"])
+    assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
+    result = Pipeline.load(out).generate("a handwritten digit 7", steps=5)
+    assert result.images[0].size == (64, 64)
