@@ -31,9 +31,10 @@ def fake_quant_weight(weight: np.ndarray, bits: int = 8, split: int | None = Non
 
 @contextmanager
 def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
-                   splits: dict[str, int], bits: int = 8):
-    """Within the block, ``unet`` runs with quantize-dequantized weights and (if ``params``)
-    inputs quantized with ``group``'s scales, or ``step``'s on per-step-table layers."""
+                   splits: dict[str, int], bits: dict[str, int] | None = None):
+    """Within the block, ``unet`` runs with quantize-dequantized weights (``bits`` per layer,
+    default 8) and (if ``params``) inputs quantized with ``group``'s scales, or ``step``'s
+    on per-step-table layers."""
     import torch
 
     layers = quantized_layers(unet)
@@ -57,7 +58,8 @@ def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
     try:
         for name, module in layers.items():
             module.weight.data = torch.from_numpy(
-                fake_quant_weight(originals[name].numpy(), bits, splits.get(name)))
+                fake_quant_weight(originals[name].numpy(), (bits or {}).get(name, 8),
+                                  splits.get(name)))
             if params is not None:
                 handles.append(module.register_forward_pre_hook(hook_for(name)))
         yield unet

@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("calibration (the deployment the scales are fitted for)")
     c.add_argument("--prompts", type=Path, default=None,
                    help="prompt file, one a line (default: calibration/prompts.txt)")
-    c.add_argument("--calib-scheduler", default=d.calib_scheduler)
-    c.add_argument("--calib-steps", type=int, default=d.calib_steps)
+    c.add_argument("--calib-scheduler", default=d.calib_scheduler,
+                   help="sampler to calibrate for: pndm, ddim, dpm++, euler (default pndm)")
+    c.add_argument("--calib-steps", type=int, default=d.calib_steps,
+                   help=f"sampler steps to calibrate for (default {d.calib_steps})")
     c.add_argument("--calib-prompts", type=int, default=d.calib_prompts,
                    help="n: prompts used (default: 16 for tiny-sd, 2 for the SD models)")
     c.add_argument("--calib-every", type=int, default=d.calib_every,

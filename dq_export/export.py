@@ -22,7 +22,7 @@ from calibration.collect import read_prompts
 from dq_export import __version__
 from dq_export.errors import UserError
 from dq_export.loading import check_model_arg
-from dq_export.recipe import EXPORTABLE_BITS, Recipe
+from dq_export.recipe import Recipe
 from dq_export.registry import default_calib_prompts
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
@@ -77,9 +77,6 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
            calibration_dir: Path | None = None) -> dict:
     """Run the whole export and return the manifest written to ``out``."""
     recipe.check()
-    if recipe.bits not in EXPORTABLE_BITS:
-        raise UserError(f"--bits {recipe.bits} (4-bit weights) is not exportable by this "
-                        f"version yet: use one of {', '.join(EXPORTABLE_BITS)}")
     if prompts is not None:
         read_prompts(prompts)  # fail now, not after loading the model
     check_model_arg(model)

@@ -87,9 +87,21 @@ def export_onnx(module: torch.nn.Module, example: tuple, path: Path, input_names
 def _save_with_one_data_file(traced: Path, path: Path) -> None:
     import onnx
 
-    model = onnx.load(str(traced), load_external_data=True)
+    save_with_external_data(onnx.load(str(traced), load_external_data=True), path,
+                            path.name + ".data")
+
+
+def save_with_external_data(model, path: Path, location: str) -> None:
+    """Save ``model`` with every tensor over 1 KB in one file ``location`` beside it.
+
+    onnx creates that file readable by its owner only; an export is meant to be shared
+    (a server often runs as another user), so it gets the usual 0644.
+    """
+    import onnx
+
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=path.name + ".data", size_threshold=1024)
+                    location=location, size_threshold=1024)
+    (path.parent / location).chmod(0o644)
 
 
 def export_components(components, out_dir: Path, latent_size: int, opset: int, stage) -> dict:

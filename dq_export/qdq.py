@@ -19,6 +19,7 @@ from calibration.fit import QuantParams
 from calibration.quant_math import INT_TYPES, quantize_linear, weight_scales
 
 STEP_INDEX = "step_index"
+INT4_OPSET = 21
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
 
@@ -103,10 +104,21 @@ def split_shortcut_convs(model: onnx.ModelProto, layers: dict[str, LayerNode],
         graph.node.remove(node)
 
 
+def int_tensor(values: np.ndarray, name: str, bits: int) -> onnx.TensorProto:
+    """An integer initializer: int8, or ONNX INT4 packed two values a byte (low nibble first)."""
+    if bits == 8:
+        return numpy_helper.from_array(values.astype(np.int8), name)
+    nibbles = (values.astype(np.int8).reshape(-1) & 0x0F).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    packed = nibbles[0::2] | (nibbles[1::2] << 4)
+    return helper.make_tensor(name, TensorProto.INT4, values.shape, packed.tobytes(), raw=True)
+
+
 def quantize_weights(model: onnx.ModelProto, layers: dict[str, LayerNode],
                      bits: dict[str, int]) -> None:
-    """Replace each weight by int8 values (int4 range where bits is 4) + per-channel
-    DequantizeLinear. Disk and memory then hold the integer weights."""
+    """Replace each weight by int8 (or int4) values + a per-channel DequantizeLinear.
+    Disk and memory then hold the integer weights."""
     inits = {i.name: i for i in model.graph.initializer}
     for layer in layers.values():
         tensor = inits[layer.weight]
@@ -117,9 +129,9 @@ def quantize_weights(model: onnx.ModelProto, layers: dict[str, LayerNode],
         model.graph.initializer.remove(tensor)
         prefix = f"{layer.name}.weight"  # "<module>.weight", or "<module>#<half>.weight"
         model.graph.initializer.extend([
-            numpy_helper.from_array(q, f"{prefix}_quantized"),
+            int_tensor(q, f"{prefix}_quantized", layer_bits),
             numpy_helper.from_array(scale, f"{prefix}_scale"),
-            numpy_helper.from_array(np.zeros_like(scale, dtype=np.int8), f"{prefix}_zero_point"),
+            int_tensor(np.zeros(scale.shape, np.int8), f"{prefix}_zero_point", layer_bits),
         ])
         dq = helper.make_node("DequantizeLinear", [f"{prefix}_quantized", f"{prefix}_scale",
                                                    f"{prefix}_zero_point"],
@@ -183,11 +195,12 @@ def build_qdq_unet(model: onnx.ModelProto, params: QuantParams, splits: dict[str
                    weight_bits: dict[str, int], quantize_inputs: bool) -> onnx.ModelProto:
     """Run the passes in order on the FP32 graph (modified in place) and check the result."""
     layers = find_layers(model, set(weight_bits))
+    if min(weight_bits.values()) < 8:  # INT4 tensors need opset 21 (IR version 10)
+        model.opset_import[0].version = max(model.opset_import[0].version, INT4_OPSET)
+        model.ir_version = max(model.ir_version, 10)
     split_shortcut_convs(model, layers, splits)
     quantize_weights(model, layers, weight_bits)
     if quantize_inputs:
         quantize_activations(model, layers, params)
-    if model.opset_import[0].version < 13:
-        raise ValueError("per-channel DequantizeLinear needs opset >= 13")
     onnx.checker.check_model(model)
     return model

@@ -14,6 +14,7 @@ import onnx
 from calibration.collect import CalibrationSettings
 from calibration.fit import QuantParams
 from calibration.layers import quantized_layers, shortcut_splits
+from dq_export.onnx_export import save_with_external_data
 from dq_export.qdq import STEP_INDEX, build_qdq_unet, set_group
 
 WEIGHTS_FILE = "unet_weights.data"
@@ -25,9 +26,15 @@ def calibration_settings(recipe) -> CalibrationSettings:
                                batch_size=recipe.calib_batch, seed=recipe.seed)
 
 
-def weight_bits(unet) -> dict[str, int]:
-    """Bits of every quantized layer's weights: 8 for all in the recipes exported so far."""
-    return {name: 8 for name in quantized_layers(unet)}
+def weight_bits(unet, bits: str) -> dict[str, int]:
+    """Bits of every quantized layer's weights. ``w4*``: int4 for Linear layers, the ones
+    OpenVINO's CPU plugin runs with int4 weights; convolutions (conv_in, conv_out and the
+    shortcuts among them, RAQ's sensitive layers) stay int8."""
+    import torch
+
+    four = bits.startswith("w4")
+    return {name: 4 if four and isinstance(module, torch.nn.Linear) else 8
+            for name, module in quantized_layers(unet).items()}
 
 
 def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
@@ -35,7 +42,7 @@ def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
     """QDQ graphs, one per group (one graph when activations stay in float)."""
     model = onnx.load(str(fp32_onnx), load_external_data=True)
     splits = shortcut_splits(unet) if recipe.split_shortcut else {}
-    build_qdq_unet(model, params, splits, weight_bits(unet), params is not None)
+    build_qdq_unet(model, params, splits, weight_bits(unet, recipe.bits), params is not None)
     groups = len(params.groups) if params is not None else 1
     paths = []
     for g in range(groups):
@@ -43,9 +50,7 @@ def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
         if params is not None:
             set_group(model, params, g)
         if g == 0:  # writes the shared weight file; later groups keep its references
-            onnx.save_model(model, str(path), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=WEIGHTS_FILE,
-                            size_threshold=1024)
+            save_with_external_data(model, path, WEIGHTS_FILE)
         else:
             onnx.save_model(model, str(path))
         paths.append(path)
@@ -63,7 +68,9 @@ def quantization_manifest(recipe, params: QuantParams | None, summary: dict | No
                 "text_encoder_and_vae": "fp32", "calibration": summary}
     entry = {
         "method": "dq", "bits": recipe.bits,
-        "weights": "int8, symmetric, per output channel: every Conv and Linear of the UNet",
+        "weights": ("int4 for every Linear, int8 for every Conv of the UNet"
+                    if recipe.bits.startswith("w4") else "int8 for every Conv and Linear of the UNet")
+                   + ": symmetric, per output channel",
         "activations": ("int8 per tensor (uint8 where never negative) at every Conv and Linear "
                         "input; attention scores, softmax and norms in float"
                         if params is not None else "float (weight-only)"),

@@ -16,9 +16,6 @@ from dq_export.errors import UserError
 RECIPE_VERSION = 1
 
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
-# Settings this version can export; the others parse (they are valid recipes) but are
-# refused by the exporter with a message saying so.
-EXPORTABLE_BITS = ("fp32", "fp16", "w8a8", "w8a16")
 METHODS = ("dq", "nncf")
 
 

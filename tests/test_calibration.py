@@ -106,3 +106,32 @@ def test_cache_identity_is_stable_between_processes(tiny):
 
     identity = cache_identity(tiny, SETTINGS, PROMPTS, 64)
     assert not any(key.startswith("_") for key in identity["unet_config"])
+
+
+def test_w4a16_puts_int4_on_linear_layers_and_int8_on_convs(tmp_path):
+    import onnx
+    import onnxruntime as ort
+    import openvino as ov
+
+    from calibration.fakequant import fake_quant_weight
+
+    manifest = export("tiny-sd", tmp_path / "w4", Recipe(bits="w4a16"), init="random")
+    assert manifest["quantization"]["weights"].startswith("int4 for every Linear, int8 for")
+    path = tmp_path / "w4" / manifest["components"]["unet"]["onnx"]
+    model = onnx.load(str(path))
+    types = {i.name: i.data_type for i in model.graph.initializer}
+    assert types["conv_in.weight_quantized"] == onnx.TensorProto.INT8
+    assert types["time_embedding.linear_1.weight_quantized"] == onnx.TensorProto.INT4
+    model.graph.output.append(onnx.helper.make_tensor_value_info(
+        "time_embedding.linear_1.weight_dequantized", 1, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    tiny = load_components("tiny-sd", "random", seed=0)
+    feeds = {"sample": np.zeros((2, 4, 16, 16), np.float32),
+             "timestep": np.full(2, 500.0, np.float32),
+             "encoder_hidden_states": np.zeros((2, 32, 64), np.float32)}
+    got = session.run(["time_embedding.linear_1.weight_dequantized"], feeds)[0]
+    expected = fake_quant_weight(tiny.unet.time_embedding.linear_1.weight.detach().numpy(), 4)
+    np.testing.assert_allclose(got, expected, atol=1e-7)  # Gemm keeps torch's [out, in]
+    ir = ov.Core().read_model(tmp_path / "w4" / manifest["components"]["unet"]["openvino"])
+    assert any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i4
+               for op in ir.get_ops())

@@ -77,8 +77,3 @@ def test_force_replaces_an_old_export(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-@pytest.mark.parametrize("bits", ["w4a8", "w4a16"])
-def test_four_bit_weights_are_refused_for_now(tmp_path, bits):
-    with pytest.raises(UserError, match="4-bit weights"):
-        export("tiny-sd", tmp_path / "q", Recipe(bits=bits), init="random")
-    assert not (tmp_path / "q").exists()

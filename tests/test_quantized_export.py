@@ -153,6 +153,7 @@ def test_groups_share_one_weight_file(tiny_w8a8):
         locations |= {e.value for t in model.graph.initializer for e in t.external_data
                       if e.key == "location"}
     assert locations == {"unet_weights.data"}
+    assert (tiny_w8a8 / "onnx" / "unet_weights.data").stat().st_mode & 0o777 == 0o644
 
 
 def test_quantized_tiny_sd_generates_close_to_fp32(tiny_w8a8, tiny_export):
@@ -187,3 +188,20 @@ def test_nncf_baseline_reuses_the_calibration_and_runs(tiny_w8a8, tmp_path):
     assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
     result = Pipeline.load(out).generate("a handwritten digit 7", steps=5)
     assert result.images[0].size == (64, 64)
+
+
+def test_w4a8_generates_close_to_fp32(tiny_w8a8, tiny_export, tmp_path):
+    from conftest import TINY_CALIBRATION
+    from dq_export.export import export
+    from dq_export.recipe import Recipe
+
+    cache = json.loads((tiny_w8a8 / "manifest.json").read_text())["quantization"][
+        "calibration"]["cache_dir"]
+    out = tmp_path / "w4a8"
+    export("tiny-sd", out, Recipe(bits="w4a8", seed=0, **TINY_CALIBRATION), init="random",
+           calibration_dir=cache)
+    a = np.asarray(Pipeline.load(tiny_export).generate("a digit 7", steps=10, seed=3).images[0])
+    b = np.asarray(Pipeline.load(out).generate("a digit 7", steps=10, seed=3).images[0])
+    psnr = 10 * np.log10(255**2 / ((a.astype(float) - b.astype(float)) ** 2).mean())
+    print(f"tiny-sd W4A8 G=4 vs FP32, 10 PNDM steps, seed 3: PSNR {psnr:.1f} dB")
+    assert psnr > 25
