@@ -161,7 +161,8 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
                      "hidden_size": components.text_encoder.config.hidden_size},
             "scheduler": components.scheduler_config,
             "tokenizer": "tokenizer",
-            "components": {name: _component_entry(graphs[name], ir_paths[name], root)
+            "components": {name: _component_entry(graphs[name], ir_paths[name], root,
+                                                   grouped=name == "unet" and params is not None)
                            for name in COMPONENTS},
             "versions": versions(),
             "export_stats": {"stage_seconds": stage.seconds, "peak_rss_mb": peak_rss_mb(),
@@ -180,12 +181,12 @@ def _remove_graph(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _component_entry(onnx_paths: list[Path], ir_paths: list[Path], root: Path) -> dict:
+def _component_entry(onnx_paths: list[Path], ir_paths: list[Path], root: Path,
+                     grouped: bool) -> dict:
     """One graph: {"onnx", "openvino"}; one per timestep group: {"groups": [...]}."""
     entries = [{"onnx": _rel(o, root), "openvino": _rel(i, root)}
                for o, i in zip(onnx_paths, ir_paths)]
-    return entries[0] if len(entries) == 1 and "group" not in onnx_paths[0].stem \
-        else {"groups": entries}
+    return {"groups": entries} if grouped else entries[0]
 
 
 def _rel(path: Path, root: Path) -> str:

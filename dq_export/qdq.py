@@ -16,6 +16,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration.fit import QuantParams
+from calibration.layers import activation_keys
 from calibration.quant_math import INT_TYPES, quantize_linear, weight_scales
 
 STEP_INDEX = "step_index"
@@ -87,20 +88,20 @@ def split_shortcut_convs(model: onnx.ModelProto, layers: dict[str, LayerNode],
         weight = numpy_helper.to_array(inits[layer.weight])
         graph.initializer.remove(inits[layer.weight])
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        keys = activation_keys(name, splits)
         convs = []
-        for part, (source, w) in enumerate(zip(concat.input, (weight[:, :first],
-                                                               weight[:, first:]))):
-            key = f"{name}#{part}"
+        for part, (key, source, w) in enumerate(zip(keys, concat.input,
+                                                    (weight[:, :first], weight[:, first:]))):
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w),
                                                              f"{key}.weight_fp32"))
             inputs = [source, f"{key}.weight_fp32"] + list(node.input[2:3] if part else [])
             convs.append(helper.make_node("Conv", inputs, [f"{key}.output"], name=f"{key}/Conv",
                                           **attrs))
-        add = helper.make_node("Add", [f"{name}#0.output", f"{name}#1.output"],
-                               list(node.output), name=f"{name}/SplitAdd")
+        add = helper.make_node("Add", [f"{key}.output" for key in keys], list(node.output),
+                               name=f"{name}/SplitAdd")
         inserted = _insert_before(graph, node, convs + [add])
-        for part, conv in enumerate(inserted[:2]):
-            layers[f"{name}#{part}"] = LayerNode(f"{name}#{part}", conv, conv.input[1], 0)
+        for key, conv in zip(keys, inserted):
+            layers[key] = LayerNode(key, conv, conv.input[1], 0)
         graph.node.remove(node)
 
 
@@ -191,16 +192,17 @@ def set_group(model: onnx.ModelProto, params: QuantParams, group: int) -> None:
                                                          name))
 
 
-def build_qdq_unet(model: onnx.ModelProto, params: QuantParams, splits: dict[str, int],
-                   weight_bits: dict[str, int], quantize_inputs: bool) -> onnx.ModelProto:
-    """Run the passes in order on the FP32 graph (modified in place) and check the result."""
+def build_qdq_unet(model: onnx.ModelProto, params: QuantParams | None, splits: dict[str, int],
+                   weight_bits: dict[str, int]) -> onnx.ModelProto:
+    """Run the passes in order on the FP32 graph (modified in place) and check the result.
+    Without ``params`` (weight-only recipes) inputs stay in float."""
     layers = find_layers(model, set(weight_bits))
     if min(weight_bits.values()) < 8:  # INT4 tensors need opset 21 (IR version 10)
         model.opset_import[0].version = max(model.opset_import[0].version, INT4_OPSET)
         model.ir_version = max(model.ir_version, 10)
     split_shortcut_convs(model, layers, splits)
     quantize_weights(model, layers, weight_bits)
-    if quantize_inputs:
+    if params is not None:
         quantize_activations(model, layers, params)
     onnx.checker.check_model(model)
     return model

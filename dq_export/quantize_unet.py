@@ -42,7 +42,7 @@ def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
     """QDQ graphs, one per group (one graph when activations stay in float)."""
     model = onnx.load(str(fp32_onnx), load_external_data=True)
     splits = shortcut_splits(unet) if recipe.split_shortcut else {}
-    build_qdq_unet(model, params, splits, weight_bits(unet, recipe.bits), params is not None)
+    build_qdq_unet(model, params, splits, weight_bits(unet, recipe.bits))
     groups = len(params.groups) if params is not None else 1
     paths = []
     for g in range(groups):
