@@ -106,31 +106,25 @@ class Pipeline:
         core = ov.Core()
         self._requests = {}
         for name, shape in shapes.items():
-            entry = self.manifest["components"][name]
-            graphs = [g["openvino"] for g in entry["groups"]] if "groups" in entry else \
-                [entry["openvino"]]
-            requests = []
-            for graph in graphs:
-                model = core.read_model(self.root / graph)
-                model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
-                compiled = core.compile_model(model, self.device, self.ov_config)
-                requests.append(compiled.create_infer_request())
-            self._requests[name] = requests
+            model = core.read_model(self.root / self.manifest["components"][name]["openvino"])
+            model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
+            compiled = core.compile_model(model, self.device, self.ov_config)
+            self._requests[name] = compiled.create_infer_request()
         self.batch_size = batch_size
         self._latent_shape = (batch_size, *latent)
 
-    def _run(self, name: str, inputs: dict, group: int = 0) -> np.ndarray:
-        return self._requests[name][group].infer(inputs)[0]
+    def _run(self, name: str, inputs: dict) -> np.ndarray:
+        return self._requests[name].infer(inputs)[0]
 
     def _unet(self, sample: np.ndarray, timestep: float, embeddings: np.ndarray) -> np.ndarray:
+        """One UNet call; a quantized UNet also reads the calibrated step's index, which
+        selects its group's scales (one compiled graph serves every group)."""
         inputs = {"sample": sample, "timestep": np.full(len(sample), timestep, dtype=np.float32),
                   "encoder_hidden_states": embeddings}
-        group = 0
-        if self.steps is not None:
-            step_index, group = self.steps.lookup(timestep)
-            if self.steps.step_input:
-                inputs[self.steps.step_input] = np.asarray(step_index, dtype=np.int64)
-        return self._run("unet", inputs, group)
+        if self.steps is not None and self.steps.step_input:
+            step_index, _ = self.steps.lookup(timestep)
+            inputs[self.steps.step_input] = np.asarray(step_index, dtype=np.int64)
+        return self._run("unet", inputs)
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Token ids -> text embeddings; prompts over the window are cut, with a warning."""

@@ -105,7 +105,7 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
     from dq_export.onnx_export import export_components
     from dq_export.openvino_convert import convert_to_ir
     from dq_export.quantize_unet import (calibration_settings, quantization_manifest,
-                                         write_group_graphs, write_params)
+                                         write_group_graphs, write_params, write_shared_graph)
 
     calibrates = recipe.activations_quantized
     fits = calibrates and recipe.method == "dq"
@@ -128,27 +128,33 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
                          recipe.split_shortcut)
     onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
                                    stage)
-    graphs = {name: [path] for name, path in onnx_paths.items()}
+    graphs = dict(onnx_paths)  # what becomes each component's IR
+    unet_onnx = [onnx_paths["unet"]]
     if recipe.quantized and recipe.method == "dq":
         with stage("QDQ graphs per timestep group"):
-            fp32_unet = graphs["unet"][0]
-            graphs["unet"] = write_group_graphs(fp32_unet, root / "onnx", components.unet,
-                                                recipe, params)
+            fp32_unet = onnx_paths["unet"]
+            unet_onnx = write_group_graphs(fp32_unet, root / "onnx", components.unet, recipe,
+                                           params)
+            graphs["unet"] = unet_onnx[0]
+            if params is not None:
+                graphs["unet"] = write_shared_graph(fp32_unet, root / "unet_shared.onnx",
+                                                    components.unet, recipe, params)
             _remove_graph(fp32_unet)
     ir_paths = {}
-    for name, paths in graphs.items():
+    for name, path in graphs.items():
         with stage(f"OpenVINO IR: {name}"):
-            ir_paths[name] = [convert_to_ir(p, root / "openvino" / f"{p.stem}.xml",
-                                            compress_to_fp16=recipe.bits == "fp16")
-                              for p in paths]
+            ir_paths[name] = convert_to_ir(path, root / "openvino" / f"{name}.xml",
+                                           compress_to_fp16=recipe.bits == "fp16")
+    if graphs["unet"] not in unet_onnx:
+        _remove_graph(graphs["unet"])
     nncf_settings = None
     if recipe.method == "nncf":
         with stage("NNCF quantize: UNet IR"):
-            fp32_xml = ir_paths["unet"][0]
+            fp32_xml = ir_paths["unet"]
             nncf_xml = fp32_xml.with_name("unet_nncf.xml")
             nncf_settings = quantize_unet_ir(fp32_xml, nncf_xml, load_inputs(summary["cache_dir"]))
             _remove_graph(fp32_xml)
-            ir_paths["unet"] = [nncf_xml]
+            ir_paths["unet"] = nncf_xml
     with stage("tokenizer, hashes and manifest"):
         components.tokenizer.save_pretrained(root / "tokenizer")
         body = {
@@ -161,8 +167,8 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
                      "hidden_size": components.text_encoder.config.hidden_size},
             "scheduler": components.scheduler_config,
             "tokenizer": "tokenizer",
-            "components": {name: _component_entry(graphs[name], ir_paths[name], root,
-                                                   grouped=name == "unet" and params is not None)
+            "components": {name: _component_entry(unet_onnx if name == "unet" else
+                                                   [onnx_paths[name]], ir_paths[name], root)
                            for name in COMPONENTS},
             "versions": versions(),
             "export_stats": {"stage_seconds": stage.seconds, "peak_rss_mb": peak_rss_mb(),
@@ -181,12 +187,13 @@ def _remove_graph(path: Path) -> None:
         leftover.unlink(missing_ok=True)
 
 
-def _component_entry(onnx_paths: list[Path], ir_paths: list[Path], root: Path,
-                     grouped: bool) -> dict:
-    """One graph: {"onnx", "openvino"}; one per timestep group: {"groups": [...]}."""
-    entries = [{"onnx": _rel(o, root), "openvino": _rel(i, root)}
-               for o, i in zip(onnx_paths, ir_paths)]
-    return {"groups": entries} if grouped else entries[0]
+def _component_entry(onnx_paths: list[Path], ir_path: Path, root: Path) -> dict:
+    """{"onnx", "openvino"}; a UNet with one ONNX graph per timestep group lists them under
+    "groups" beside its one OpenVINO graph."""
+    if len(onnx_paths) == 1:
+        return {"onnx": _rel(onnx_paths[0], root), "openvino": _rel(ir_path, root)}
+    return {"groups": [{"onnx": _rel(p, root)} for p in onnx_paths],
+            "openvino": _rel(ir_path, root)}
 
 
 def _rel(path: Path, root: Path) -> str:

@@ -14,7 +14,7 @@ from dq_export.errors import UserError
 
 MANIFEST = "manifest.json"
 SCHEMA = "dq-export/manifest"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one OpenVINO UNet for all timestep groups
 CHUNK = 16 * 1024 * 1024
 
 
@@ -53,9 +53,13 @@ def read_manifest(root: Path, verify: bool = True) -> dict:
         raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}): re-export") from None
     if manifest.get("schema") != SCHEMA:
         raise UserError(f"{path} is not a dq-export manifest: re-export")
-    if manifest.get("schema_version", 0) > SCHEMA_VERSION:
-        raise UserError(f"{path} has schema version {manifest['schema_version']}, newer than "
+    version = manifest.get("schema_version", 0)
+    if version > SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {version}, newer than "
                         f"this dq-export reads ({SCHEMA_VERSION}): upgrade dq-export")
+    if version < SCHEMA_VERSION:
+        raise UserError(f"{path} has schema version {version}, older than this dq-export "
+                        f"reads ({SCHEMA_VERSION}): re-export with this version")
     if verify:
         verify_files(Path(root), manifest["files"])
     return manifest

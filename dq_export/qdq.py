@@ -60,7 +60,7 @@ def find_layers(model: onnx.ModelProto, layer_names: set[str]) -> dict[str, Laye
     return found
 
 
-def _insert_before(graph: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list) -> list:
+def insert_before(graph: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list) -> list:
     """Insert ``nodes`` before ``anchor``; return the graph's own copies (protobuf copies)."""
     index = list(graph.node).index(anchor)
     for offset, node in enumerate(nodes):
@@ -99,7 +99,7 @@ def split_shortcut_convs(model: onnx.ModelProto, layers: dict[str, LayerNode],
                                           **attrs))
         add = helper.make_node("Add", [f"{key}.output" for key in keys], list(node.output),
                                name=f"{name}/SplitAdd")
-        inserted = _insert_before(graph, node, convs + [add])
+        inserted = insert_before(graph, node, convs + [add])
         for key, conv in zip(keys, inserted):
             layers[key] = LayerNode(key, conv, conv.input[1], 0)
         graph.node.remove(node)
@@ -138,7 +138,7 @@ def quantize_weights(model: onnx.ModelProto, layers: dict[str, LayerNode],
                                                    f"{prefix}_zero_point"],
                               [f"{prefix}_dequantized"], name=f"{prefix}/DequantizeLinear",
                               axis=layer.axis)
-        _insert_before(model.graph, layer.node, [dq])
+        insert_before(model.graph, layer.node, [dq])
         layer.node.input[1] = f"{prefix}_dequantized"
 
 
@@ -176,7 +176,7 @@ def quantize_activations(model: onnx.ModelProto, layers: dict[str, LayerNode],
             helper.make_node("DequantizeLinear", [f"{key}.quantized", scale_name, zero],
                              [f"{key}.dequantized"], name=f"{key}/DequantizeLinear"),
         ]
-        _insert_before(graph, layer.node, new_nodes)
+        insert_before(graph, layer.node, new_nodes)
         layer.node.input[0] = f"{key}.dequantized"
     if uses_table:
         graph.input.append(helper.make_tensor_value_info(STEP_INDEX, TensorProto.INT64, []))
@@ -193,9 +193,10 @@ def set_group(model: onnx.ModelProto, params: QuantParams, group: int) -> None:
 
 
 def build_qdq_unet(model: onnx.ModelProto, params: QuantParams | None, splits: dict[str, int],
-                   weight_bits: dict[str, int]) -> onnx.ModelProto:
+                   weight_bits: dict[str, int], activations=quantize_activations) -> onnx.ModelProto:
     """Run the passes in order on the FP32 graph (modified in place) and check the result.
-    Without ``params`` (weight-only recipes) inputs stay in float."""
+    ``activations`` is the pass that quantizes layer inputs (per-group scales by default);
+    without ``params`` (weight-only recipes) inputs stay in float."""
     layers = find_layers(model, set(weight_bits))
     if min(weight_bits.values()) < 8:  # INT4 tensors need opset 21 (IR version 10)
         model.opset_import[0].version = max(model.opset_import[0].version, INT4_OPSET)
@@ -203,6 +204,6 @@ def build_qdq_unet(model: onnx.ModelProto, params: QuantParams | None, splits: d
     split_shortcut_convs(model, layers, splits)
     quantize_weights(model, layers, weight_bits)
     if params is not None:
-        quantize_activations(model, layers, params)
+        activations(model, layers, params)
     onnx.checker.check_model(model)
     return model

@@ -1,7 +1,9 @@
-"""The timestep-aware quantized UNet: calibrate, fit, and write one QDQ graph per group.
+"""The timestep-aware quantized UNet: calibrate, fit, and write its graphs.
 
-All group graphs reference one external weight file (the int8 weights are on disk once);
-they differ only in their activation scales, which are small inline initializers.
+- one portable QDQ ONNX graph per timestep group, all referencing one external weight file
+  (the int8 weights are on disk once); they differ only in their activation scales;
+- one shared-scale graph for OpenVINO (``dq_export.shared_scales``): every group in one
+  compiled model, the step's scales applied by runtime multipliers.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from calibration.collect import CalibrationSettings
 from calibration.fit import QuantParams
 from calibration.layers import quantized_layers, shortcut_splits
 from dq_export.onnx_export import save_with_external_data
-from dq_export.qdq import STEP_INDEX, build_qdq_unet, set_group
+from dq_export.qdq import STEP_INDEX, build_qdq_unet, quantize_activations, set_group
+from dq_export.shared_scales import quantize_activations_shared
 
 WEIGHTS_FILE = "unet_weights.data"
+OPENVINO_FORM = "shared_scales"
 
 
 def calibration_settings(recipe) -> CalibrationSettings:
@@ -37,12 +41,17 @@ def weight_bits(unet, bits: str) -> dict[str, int]:
             for name, module in quantized_layers(unet).items()}
 
 
+def _quantized_graph(fp32_onnx: Path, unet, recipe, params: QuantParams | None,
+                     activations=quantize_activations) -> onnx.ModelProto:
+    model = onnx.load(str(fp32_onnx), load_external_data=True)
+    splits = shortcut_splits(unet) if recipe.split_shortcut else {}
+    return build_qdq_unet(model, params, splits, weight_bits(unet, recipe.bits), activations)
+
+
 def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
                        params: QuantParams | None) -> list[Path]:
     """QDQ graphs, one per group (one graph when activations stay in float)."""
-    model = onnx.load(str(fp32_onnx), load_external_data=True)
-    splits = shortcut_splits(unet) if recipe.split_shortcut else {}
-    build_qdq_unet(model, params, splits, weight_bits(unet, recipe.bits))
+    model = _quantized_graph(fp32_onnx, unet, recipe, params)
     groups = len(params.groups) if params is not None else 1
     paths = []
     for g in range(groups):
@@ -55,6 +64,13 @@ def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
             onnx.save_model(model, str(path))
         paths.append(path)
     return paths
+
+
+def write_shared_graph(fp32_onnx: Path, path: Path, unet, recipe, params: QuantParams) -> Path:
+    """The one graph OpenVINO compiles for all groups (an intermediate: the IR keeps it)."""
+    model = _quantized_graph(fp32_onnx, unet, recipe, params, quantize_activations_shared)
+    save_with_external_data(model, path, path.name + ".data")
+    return path
 
 
 def quantization_manifest(recipe, params: QuantParams | None, summary: dict | None,
@@ -81,8 +97,13 @@ def quantization_manifest(recipe, params: QuantParams | None, summary: dict | No
     timesteps = params.timesteps
     entry.update({
         "params": "quant_params.json",
-        "step_index_input": STEP_INDEX if any(q.step_scales for q in params.activations.values())
-        else None,
+        # the OpenVINO graph always reads it; the ONNX group graphs only with time tables
+        "step_index_input": STEP_INDEX,
+        "openvino_form": {
+            "form": OPENVINO_FORM,
+            "what": "one graph for all groups: unit-scale int8 quantizers, each step's scales "
+                    "applied by runtime multipliers read from per-step tables at step_index",
+        },
         "timesteps": timesteps,
         "step_to_group": params.group_of(),
         "groups": [{"steps": steps, "timesteps": [timesteps[steps[0]], timesteps[steps[-1]]]}

@@ -92,7 +92,7 @@ def test_weight_only_export_has_one_graph_and_int8_weights(tmp_path):
 
     manifest = export("tiny-sd", tmp_path / "w8a16", Recipe(bits="w8a16"), init="random")
     assert manifest["components"]["unet"] == {"onnx": "onnx/unet_qdq.onnx",
-                                              "openvino": "openvino/unet_qdq.xml"}
+                                              "openvino": "openvino/unet.xml"}
     assert manifest["quantization"]["activations"] == "float (weight-only)"
     model = onnx.load(str(tmp_path / "w8a16" / "onnx" / "unet_qdq.onnx"))
     ops = {n.op_type for n in model.graph.node}

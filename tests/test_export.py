@@ -11,7 +11,7 @@ from dq_export.recipe import Recipe
 
 def test_manifest_describes_the_export(tiny_export):
     manifest = read_manifest(tiny_export)
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["model"] == {"kind": "registry", "name": "tiny-sd", "hub_id": None,
                                  "init": "random", "seed": 0}
     assert manifest["recipe"]["bits"] == "fp32"

@@ -45,6 +45,17 @@ def rel(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def run_with_probes(model, keys, feeds, extra_outputs):
+    """ORT run of ``model`` that also returns each quantizer's input and the named tensors."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    probes = {key: producers[f"{key}.quantized"].input[0] for key in keys}
+    for name in set(probes.values()) | set(extra_outputs):
+        model.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+    return probes, values
+
+
 def test_every_quantizer_in_the_graph_computes_the_simulated_rounding(tiny_w8a8, setup):
     """ORT run of each group graph: every DequantizeLinear output equals fake quantization of
     that same QuantizeLinear input with the fitted scale (for the group, or the step's table
@@ -56,17 +67,10 @@ def test_every_quantizer_in_the_graph_computes_the_simulated_rounding(tiny_w8a8,
     for g, steps in enumerate(params.groups):
         k = steps[-1]
         model = onnx.load(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"))
-        producers = {o: n for n in model.graph.node for o in n.output}
-        probes = {key: producers[f"{key}.quantized"].input[0] for key in keys}
         weight_names = [f"{key}.weight_dequantized" for key in keys]
-        for name in set(probes.values()) | set(weight_names):
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, 1, None))
-        model.graph.output.extend(onnx.helper.make_tensor_value_info(f"{key}.dequantized", 1, None)
-                                  for key in keys)
-        session = ort.InferenceSession(model.SerializeToString(),
-                                       providers=["CPUExecutionProvider"])
         feeds = dict(call_at(calls, params.timesteps[k]), step_index=np.asarray(k, np.int64))
-        values = dict(zip([o.name for o in session.get_outputs()], session.run(None, feeds)))
+        probes, values = run_with_probes(model, keys, feeds,
+                                         weight_names + [f"{key}.dequantized" for key in keys])
         for key in keys:
             q = params.activations[key]
             scale = q.step_scales[k] if q.step_scales is not None else q.group_scales[g]
@@ -86,17 +90,63 @@ def test_every_quantizer_in_the_graph_computes_the_simulated_rounding(tiny_w8a8,
                                        atol=1e-7, err_msg=name)
 
 
+def test_shared_graph_applies_each_steps_scales(tiny_w8a8, tiny_export, setup, tmp_path):
+    """The one graph OpenVINO gets: at every calibrated step, each unit-scale quantizer times
+    the multiplier read from its table is fake quantization with that step's group scale (or
+    its own table entry), and the layer output equals the per-group graph's."""
+    from dq_export.quantize_unet import write_shared_graph
+    from dq_export.recipe import Recipe
+
+    manifest, params, components, calls = setup
+    splits = shortcut_splits(components.unet)
+    keys = [k for name in quantized_layers(components.unet) for k in activation_keys(name, splits)]
+    recipe = Recipe.from_dict(manifest["recipe"])
+    path = write_shared_graph(tiny_export / "onnx" / "unet.onnx", tmp_path / "shared.onnx",
+                              components.unet, recipe, params)
+    for g, steps in enumerate(params.groups):
+        for k in (steps[0], steps[-1]):
+            feeds = dict(call_at(calls, params.timesteps[k]), step_index=np.asarray(k, np.int64))
+            probes, values = run_with_probes(onnx.load(str(path)), keys, feeds, [
+                name for key in keys for name in (f"{key}.dequantized", f"{key}.y_scale_step")])
+            for key in keys:
+                q = params.activations[key]
+                scale = q.step_scales[k] if q.step_scales is not None else q.group_scales[g]
+                assert values[f"{key}.y_scale_step"] == np.float32(scale), key
+                # the quantizer reads x * (1/s); x / s can differ in the last bit, so allow
+                # one level on a handful of ties
+                got = values[f"{key}.dequantized"] * scale
+                expected = fake_quant_activation(values[probes[key]] * np.float32(scale), scale,
+                                                 q.dtype)
+                off = np.abs(got - expected) > 1e-5 * max(1.0, np.abs(expected).max())
+                assert off.mean() < 1e-4, (key, off.sum())
+    # Whole graph: rounding flips cascade through this random network (see the next test),
+    # so the shared graph must sit closer to its group graph than that is to FP32.
+    shared = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for g, steps in enumerate(params.groups):
+        k = steps[0]
+        call = call_at(calls, params.timesteps[k])
+        feeds = dict(call, step_index=np.asarray(k, np.int64))
+        group_out = ort.InferenceSession(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"),
+                                         providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        shared_out, fp = shared.run(None, feeds)[0], unet_out(components.unet, call)
+        print(f"group {g}: shared vs group graph {rel(shared_out, group_out):.4f}, "
+              f"group graph vs fp {rel(group_out, fp):.4f}")
+        assert rel(shared_out, group_out) < rel(group_out, fp)
+
+
 def test_onnxruntime_and_openvino_agree_with_the_torch_simulation(tiny_w8a8, setup):
     """End to end, one call per group. Bit-exact agreement is impossible: a float difference
     of 1e-7 flips a rounding, and on this random-weight network the flips cascade (the exact
     per-quantizer check is the test above). So: each runtime's error against FP32 is the
     simulation's to within 30 %, and the runtime lies closer to the simulation than two
-    independent draws of that error would (sqrt(2) x the error)."""
+    independent draws of that error would (sqrt(2) x the error). OpenVINO runs the one
+    shared graph, which reads the group from step_index."""
     import openvino as ov
 
     manifest, params, components, calls = setup
     splits = shortcut_splits(components.unet)
-    core = ov.Core()
+    compiled = ov.Core().compile_model(tiny_w8a8 / manifest["components"]["unet"]["openvino"],
+                                       "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     for g, steps in enumerate(params.groups):
         k = steps[0]
         call = call_at(calls, params.timesteps[k])
@@ -106,8 +156,6 @@ def test_onnxruntime_and_openvino_agree_with_the_torch_simulation(tiny_w8a8, set
         feeds = dict(call, step_index=np.asarray(k, np.int64))
         onnx_out = ort.InferenceSession(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"),
                                         providers=["CPUExecutionProvider"]).run(None, feeds)[0]
-        compiled = core.compile_model(tiny_w8a8 / "openvino" / f"unet_group{g}.xml", "CPU",
-                                      {"INFERENCE_PRECISION_HINT": "f32"})
         ov_out = compiled(feeds)[0]
         quant_error = rel(sim, fp)
         print(f"group {g}: sim vs fp {quant_error:.4f}, ort vs sim {rel(onnx_out, sim):.4f}, "
@@ -153,6 +201,8 @@ def test_groups_share_one_weight_file(tiny_w8a8):
         locations |= {e.value for t in model.graph.initializer for e in t.external_data
                       if e.key == "location"}
     assert locations == {"unet_weights.data"}
+    # and OpenVINO gets one graph for all groups, so weights are in memory once
+    assert [p.name for p in (tiny_w8a8 / "openvino").glob("unet*.xml")] == ["unet.xml"]
     assert (tiny_w8a8 / "onnx" / "unet_weights.data").stat().st_mode & 0o777 == 0o644
 
 
