@@ -39,6 +39,14 @@ class QuantParams:
                 table[s] = g
         return table
 
+    def without(self, layers: list[str]) -> QuantParams:
+        """These parameters with the inputs of ``layers`` left in float (both halves of a
+        split shortcut go with their layer)."""
+        drop = set(layers)
+        return QuantParams(self.timesteps, self.groups,
+                           {k: q for k, q in self.activations.items()
+                            if k.split("#")[0] not in drop})
+
     def to_dict(self) -> dict:
         return asdict(self)
 

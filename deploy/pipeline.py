@@ -116,9 +116,11 @@ class Pipeline:
     def _run(self, name: str, inputs: dict) -> np.ndarray:
         return self._requests[name].infer(inputs)[0]
 
-    def _unet(self, sample: np.ndarray, timestep: float, embeddings: np.ndarray) -> np.ndarray:
-        """One UNet call; a quantized UNet also reads the calibrated step's index, which
-        selects its group's scales (one compiled graph serves every group)."""
+    def predict_noise(self, sample: np.ndarray, timestep: float,
+                      embeddings: np.ndarray) -> np.ndarray:
+        """One UNet call (the sampler's and the benchmarks'). A quantized UNet also reads the
+        calibrated step's index, which selects its group's scales: one compiled graph
+        serves every group. Not locked: use ``generate`` from several threads."""
         inputs = {"sample": sample, "timestep": np.full(len(sample), timestep, dtype=np.float32),
                   "encoder_hidden_states": embeddings}
         if self.steps is not None and self.steps.step_input:
@@ -168,7 +170,7 @@ class Pipeline:
         latents = initial_latents(self._latent_shape, sampler, generator)
 
         # 4. Denoising loop, one guided UNet call per timestep.
-        latents, step_seconds = denoise(self._unet, embeddings, sampler, latents, guidance,
+        latents, step_seconds = denoise(self.predict_noise, embeddings, sampler, latents, guidance,
                                         step_kwargs(sampler, eta, generator), progress)
         timings["unet_loop"] = sum(step_seconds)
 

@@ -7,6 +7,7 @@ valid.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
@@ -26,6 +27,7 @@ from dq_export.recipe import Recipe
 from dq_export.registry import default_calib_prompts
 
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+TARGET_CPU_FILE = "target_cpu.json"
 
 
 class StageLog:
@@ -109,7 +111,8 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
 
     calibrates = recipe.activations_quantized
     fits = calibrates and recipe.method == "dq"
-    stage = StageLog(total=2 + 2 * len(COMPONENTS) + calibrates + fits + recipe.quantized)
+    stage = StageLog(total=2 + 2 * len(COMPONENTS) + calibrates + fits + recipe.quantized
+                     + (recipe.target_cpu == "auto"))
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
     size = recipe.image_size or components.image_size
@@ -130,6 +133,12 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
                                    stage)
     graphs = dict(onnx_paths)  # what becomes each component's IR
     unet_onnx = [onnx_paths["unet"]]
+    target = None
+    if recipe.target_cpu == "auto":
+        with stage("target CPU: int8 vs FP32 time of every layer"):
+            target = _profile_target_cpu(components, onnx_paths["unet"], root, recipe, params,
+                                         size // vae_factor)
+            params = params.without(target["kept_float"])
     if recipe.quantized and recipe.method == "dq":
         with stage("QDQ graphs per timestep group"):
             fp32_unet = onnx_paths["unet"]
@@ -178,7 +187,32 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
             body["quantization"] = quantization_manifest(recipe, params, summary, nncf_settings)
             if params is not None:
                 write_params(root, params)
+            if target is not None:
+                (root / TARGET_CPU_FILE).write_text(json.dumps(target, indent=1) + "\n")
+                body["quantization"]["target_cpu"] = {
+                    "file": TARGET_CPU_FILE, "cpu": target["cpu"],
+                    "kept_float": target["kept_float"]}
         return write_manifest(root, body)
+
+
+def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe, params,
+                        latent_size: int) -> dict:
+    """``--target-cpu auto``: time every layer in int8 and in FP32 on this machine."""
+    from calibration.layers import quantized_layers
+    from dq_export.quantize_unet import write_shared_graph
+    from dq_export.target_cpu import choose_float_layers
+
+    tokens = components.tokenizer.model_max_length
+    shapes = {"sample": [2, components.unet.config.in_channels, latent_size, latent_size],
+              "timestep": [2],
+              "encoder_hidden_states": [2, tokens, components.text_encoder.config.hidden_size]}
+    int8_unet = write_shared_graph(fp32_unet, root / "unet_profile.onnx", components.unet,
+                                   recipe, params)
+    try:
+        return choose_float_layers(fp32_unet, int8_unet, shapes,
+                                   set(quantized_layers(components.unet)))
+    finally:
+        _remove_graph(int8_unet)
 
 
 def _remove_graph(path: Path) -> None:

@@ -146,6 +146,7 @@ def quantize_activations(model: onnx.ModelProto, layers: dict[str, LayerNode],
                          params: QuantParams) -> None:
     """Put a QuantizeLinear/DequantizeLinear pair on each quantized layer's input.
 
+    Layers without a quantizer in ``params`` keep a float input.
     Scales are initializers ``<key>.y_scale`` (rewritten per group by ``set_group``);
     time-embedding layers with a per-step table read theirs with
     Gather(``<key>.y_scale_table``, step_index), ``step_index`` being a graph input.
@@ -153,7 +154,9 @@ def quantize_activations(model: onnx.ModelProto, layers: dict[str, LayerNode],
     graph = model.graph
     uses_table = False
     for key, layer in layers.items():
-        quantizer = params.activations[key]
+        quantizer = params.activations.get(key)
+        if quantizer is None:  # kept in float (``--target-cpu``)
+            continue
         _, _, np_type = INT_TYPES[quantizer.dtype]
         graph.initializer.append(numpy_helper.from_array(np.zeros((), np_type),
                                                          f"{key}.y_zero_point"))

@@ -17,6 +17,7 @@ RECIPE_VERSION = 1
 
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 METHODS = ("dq", "nncf")
+TARGET_CPUS = ("none", "auto")
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Recipe:
     estimator: str = "mse"  # activation range estimator
     time_tables: bool = True  # per-step scales on the time-embedding path (TFMQ-DM)
     split_shortcut: bool = True  # separate scales for the two halves of skip concats
+    target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
     # calibration: the deployment the scales are fitted for
     calib_scheduler: str = "pndm"
     calib_steps: int = 50
@@ -66,7 +68,8 @@ class Recipe:
     def check(self) -> Recipe:
         """Validate every field; a UserError names the field and the valid values."""
         choices = {"bits": BITS, "method": METHODS, "estimator": ESTIMATORS,
-                   "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS}
+                   "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS,
+                   "target_cpu": TARGET_CPUS}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise UserError(f"{name} {getattr(self, name)!r} is not valid: use one of "
@@ -77,6 +80,10 @@ class Recipe:
         if self.method == "nncf" and self.bits != "w8a8":
             raise UserError("--method nncf exports W8A8 only (OpenVINO's own post-training "
                             "quantization): use --bits w8a8")
+        if self.target_cpu != "none" and not (self.activations_quantized
+                                              and self.method == "dq"):
+            raise UserError("--target-cpu chooses int8 activations per layer: it needs "
+                            "--bits w8a8 or w4a8 with --method dq")
         if self.image_size is not None:
             check_image_size(self.image_size)
         return self

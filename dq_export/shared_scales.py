@@ -56,6 +56,8 @@ def quantize_activations_shared(model: onnx.ModelProto, layers: dict[str, LayerN
     tables = step_scale_tables(params)
     graph.initializer.append(numpy_helper.from_array(np.float32(1.0), "unit_scale"))
     for key, layer in layers.items():
+        if key not in params.activations:  # kept in float (``--target-cpu``)
+            continue
         _, _, np_type = INT_TYPES[params.activations[key].dtype]
         zero, scale, inverse = (f"{key}.y_zero_point", f"{key}.y_scale_step",
                                 f"{key}.inverse_y_scale_step")

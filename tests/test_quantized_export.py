@@ -255,3 +255,59 @@ def test_w4a8_generates_close_to_fp32(tiny_w8a8, tiny_export, tmp_path):
     psnr = 10 * np.log10(255**2 / ((a.astype(float) - b.astype(float)) ** 2).mean())
     print(f"tiny-sd W4A8 G=4 vs FP32, 10 PNDM steps, seed 3: PSNR {psnr:.1f} dB")
     assert psnr > 25
+
+
+def test_owning_layer_and_the_float_rule():
+    from dq_export.target_cpu import layer_seconds, layers_kept_float, owning_layer
+
+    layers = {"conv_in", "down_blocks.0.resnets.0.conv1", "up_blocks.0.resnets.0.conv_shortcut"}
+    assert owning_layer("/unet/down_blocks.0/resnets.0/conv1/Conv/WithoutBiases",
+                        layers) == "down_blocks.0.resnets.0.conv1"
+    assert owning_layer("up_blocks.0.resnets.0.conv_shortcut#1/Bias", layers) == \
+        "up_blocks.0.resnets.0.conv_shortcut"
+    assert owning_layer("/unet/down_blocks.0/resnets.0/nonlinearity/Mul", layers) is None
+    seconds = layer_seconds({"conv_in/DequantizeLinear": 1.0, "/unet/conv_in/Conv": 2.0,
+                             "/unet/time_proj/Mul": 5.0}, layers)
+    assert seconds["conv_in"] == 3.0 and sum(seconds.values()) == 3.0
+    assert layers_kept_float({"a": 1.0, "b": 2.0, "c": 0.5}, {"a": 2.0, "b": 2.0, "c": 0.4}) \
+        == ["b", "c"]
+
+
+def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
+        tiny_w8a8, setup, tmp_path, monkeypatch):
+    """The profile runs for real; the decision is pinned so the plumbing is checked the same
+    way on every CPU: the kept layers lose their quantizers in the ONNX group graphs, in the
+    OpenVINO graph and in quant_params.json, and the export still generates."""
+    import openvino as ov
+
+    import dq_export.target_cpu as target_cpu
+    from conftest import TINY_CALIBRATION
+    from dq_export.export import export
+    from dq_export.recipe import Recipe
+
+    manifest, params, components, calls = setup
+    split = next(iter(shortcut_splits(components.unet)))
+    kept = ["conv_in", split]
+    monkeypatch.setattr(target_cpu, "layers_kept_float", lambda int8, fp32: kept)
+    out = tmp_path / "auto"
+    manifest = export("tiny-sd", out, Recipe(bits="w8a8", seed=0, target_cpu="auto",
+                                             **TINY_CALIBRATION), init="random",
+                      calibration_dir=manifest["quantization"]["calibration"]["cache_dir"])
+    profile = json.loads((out / "target_cpu.json").read_text())
+    layers = quantized_layers(components.unet)
+    assert set(profile["layers"]) == set(layers)
+    assert all(t["int8_ms"] > 0 and t["fp32_ms"] > 0 for t in profile["layers"].values())
+    assert manifest["quantization"]["target_cpu"]["kept_float"] == kept
+    saved = json.loads((out / "quant_params.json").read_text())["activations"]
+    assert not {"conv_in", f"{split}#0", f"{split}#1"} & set(saved)
+    assert len(saved) == len(params.activations) - 3
+    quantized = {n.name.split("/")[0] for n in onnx.load(str(out / "onnx" / "unet_group0.onnx"),
+                                                         load_external_data=False).graph.node
+                 if n.op_type == "QuantizeLinear"}
+    assert quantized == set(saved)
+    ir = ov.Core().read_model(out / manifest["components"]["unet"]["openvino"])
+    # quantizers of one input (to_q, to_k, to_v) are merged by OpenVINO when identical
+    in_ir = {op.get_friendly_name().split("/")[0] for op in ir.get_ops()
+             if op.get_type_name() == "FakeQuantize"}
+    assert in_ir <= set(saved) and len(in_ir) > 0.6 * len(saved)
+    assert Pipeline.load(out).generate("a digit 7", steps=3).images[0].size == (64, 64)

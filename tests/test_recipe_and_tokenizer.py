@@ -23,6 +23,16 @@ def test_unknown_bits_lists_valid_values():
         parse_bits("int3")
 
 
+@pytest.mark.parametrize("settings", [dict(bits="fp32"), dict(bits="w8a16"),
+                                      dict(bits="w8a8", method="nncf")])
+def test_target_cpu_needs_our_int8_activations(settings):
+    with pytest.raises(UserError, match="--target-cpu"):
+        Recipe(target_cpu="auto", **settings).check()
+    assert Recipe(bits="w8a8", target_cpu="auto").check().target_cpu == "auto"
+    with pytest.raises(UserError, match="target_cpu 'fast' is not valid"):
+        Recipe(bits="w8a8", target_cpu="fast").check()
+
+
 def test_recipe_from_newer_writer_is_refused():
     with pytest.raises(UserError, match="unknown fields"):
         Recipe.from_dict({"bits": "fp32", "magic": 1})

@@ -1,0 +1,113 @@
+"""Hardware-aware precision (``--target-cpu auto``): a layer's input stays in float where
+the int8 form is not faster on the CPU doing the export.
+
+Whether int8 wins depends on the CPU: without VNNI, OpenVINO's int8 FullyConnected can be
+slower than FP32; with VNNI nearly every layer gains. So the export measures instead of
+guessing. It compiles the FP32 UNet and the all-int8 shared-scale UNet at the export's
+shapes, runs both with OpenVINO's per-layer performance counters, charges every executed
+node to the layer it belongs to (its kernel, and in the int8 graph also its quantizer and
+output multiplier), and keeps in float the layers whose int8 total is not below their FP32
+total. Attention scores are never quantized, so OpenVINO's fused attention is untouched.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import numpy as np
+
+PROFILE_CALLS = 3  # timed calls after one warm-up; each node's median is used
+
+
+def owning_layer(node_name: str, layers: set[str]) -> str | None:
+    """The quantized layer an executed OpenVINO node belongs to, if any.
+
+    Nodes from the torch exporter are named by module path (``/unet/down_blocks.0/
+    resnets.0/conv1/Conv/WithoutBiases``); nodes added by the QDQ passes start with the
+    quantizer key (``up_blocks.0.resnets.0.conv_shortcut#1/Bias``).
+    """
+    if node_name.startswith("/"):
+        parts = [p for p in node_name.split("/") if p][1:]
+        for n in range(len(parts), 0, -1):
+            if ".".join(parts[:n]) in layers:
+                return ".".join(parts[:n])
+        return None
+    head = node_name.split("/")[0].split("#")[0]
+    return head if head in layers else None
+
+
+def layer_seconds(node_seconds: dict[str, float], layers: set[str]) -> dict[str, float]:
+    """Sum per layer of the nodes it owns; nodes no layer owns are left out."""
+    totals = dict.fromkeys(layers, 0.0)
+    for node, seconds in node_seconds.items():
+        owner = owning_layer(node, layers)
+        if owner is not None:
+            totals[owner] += seconds
+    return totals
+
+
+def layers_kept_float(int8: dict[str, float], fp32: dict[str, float]) -> list[str]:
+    """Layers whose int8 form (kernel + quantizer + multiplier) is not faster than FP32."""
+    return sorted(name for name in fp32 if int8.get(name, 0.0) >= fp32[name])
+
+
+def profile_nodes(graph: Path, shapes: dict[str, list[int]], device: str = "CPU",
+                  calls: int = PROFILE_CALLS) -> dict[str, float]:
+    """Median seconds of every executed node over ``calls`` runs of seeded random inputs."""
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(graph))
+    model.reshape({_graph_name(port, shapes): ov.PartialShape(shapes[_graph_name(port, shapes)])
+                   for port in model.inputs if _graph_name(port, shapes) in shapes})
+    compiled = core.compile_model(model, device, {"PERF_COUNT": True,
+                                                  "INFERENCE_PRECISION_HINT": "f32",
+                                                  "PERFORMANCE_HINT": "LATENCY"})
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for port in compiled.inputs:
+        name = _graph_name(port, shapes)
+        if name == "step_index":
+            feeds[name] = np.asarray(0, np.int64)
+        elif name == "timestep":
+            feeds[name] = np.full(shapes[name], 500.0, np.float32)
+        else:
+            feeds[name] = rng.standard_normal(shapes[name]).astype(np.float32)
+    request = compiled.create_infer_request()
+    request.infer(feeds)  # warm-up: first-call allocations are not the steady state
+    runs: dict[str, list[float]] = {}
+    for _ in range(calls):
+        request.infer(feeds)
+        for info in request.profiling_info:
+            runs.setdefault(info.node_name, []).append(info.real_time.total_seconds())
+    return {node: statistics.median(times) for node, times in runs.items()}
+
+
+def _graph_name(port, shapes: dict) -> str:
+    """A port's interface name (an ONNX input can carry internal tensor names too)."""
+    names = port.get_names()
+    return next((n for n in ("step_index", *shapes) if n in names), port.get_any_name())
+
+
+def cpu_description(device: str = "CPU") -> dict:
+    import openvino as ov
+
+    core = ov.Core()
+    return {"device": core.get_property(device, "FULL_DEVICE_NAME"),
+            "capabilities": list(core.get_property(device, "OPTIMIZATION_CAPABILITIES"))}
+
+
+def choose_float_layers(fp32_graph: Path, int8_graph: Path, shapes: dict[str, list[int]],
+                        layers: set[str]) -> dict:
+    """Profile both graphs and decide; the result (with every layer's timings) goes into the
+    export so the choice can be read and reproduced."""
+    fp32 = layer_seconds(profile_nodes(fp32_graph, shapes), layers)
+    int8 = layer_seconds(profile_nodes(int8_graph, shapes), layers)
+    kept = layers_kept_float(int8, fp32)
+    return {"cpu": cpu_description(), "shapes": shapes, "calls": PROFILE_CALLS,
+            "kept_float": kept,
+            "int8_seconds": round(sum(int8.values()), 4),
+            "fp32_seconds": round(sum(fp32.values()), 4),
+            "layers": {name: {"int8_ms": round(1e3 * int8[name], 3),
+                              "fp32_ms": round(1e3 * fp32[name], 3)} for name in sorted(layers)}}
