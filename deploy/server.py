@@ -119,6 +119,11 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
     async def http_error(_request, error: HTTPException):  # 404, 405: same JSON shape
         return error_response(ApiError(error.status_code, str(error.detail)))
 
+    @app.exception_handler(Exception)
+    async def unexpected(_request, error: Exception):  # a bug: still the same JSON shape
+        return error_response(ApiError(500, f"internal error: {type(error).__name__}",
+                                       "server_error"))
+
     def authorize(request: Request) -> None:
         if settings.api_key is None:
             return

@@ -346,3 +346,50 @@ def test_create_app_mounts_inside_another_app(tiny_pipeline):
         text = client.get("/diffusion/metrics").text
     assert 'dq_serve_requests_total{endpoint="/generate",status="200"} 1' in text
     assert 'dq_serve_requests_total{endpoint="/generate",status="400"} 1' in text
+
+
+class StubPipeline:
+    """Stands in for Pipeline where a real one cannot be made to fail on demand."""
+
+    image_size = (64, 64)
+    manifest = {"model": {"name": "stub"}, "recipe": {"bits": "fp32"}}
+
+    def __init__(self, *failures: Exception):
+        self.failures = list(failures)
+
+    def generate(self, prompt, **kwargs):
+        from deploy.pipeline import GenerationResult
+
+        if self.failures:
+            raise self.failures.pop(0)
+        return GenerationResult([Image.new("RGB", (64, 64), "white")], [0.01] * kwargs["steps"])
+
+
+def test_pipeline_failures_are_answered_and_the_worker_carries_on():
+    from fastapi.testclient import TestClient
+
+    from deploy.server import create_app
+    from dq_export.errors import UserError
+
+    app = create_app(StubPipeline(UserError("guidance must be in [0, 50]"), RuntimeError("boom")))
+    with TestClient(app) as client:
+        assert_error(client.post("/generate", json=GOOD), 400, "guidance must be in [0, 50]")
+        assert_error(client.post("/generate", json=GOOD), 500,
+                     "generation failed: RuntimeError: boom", "server_error")
+        assert client.post("/generate", json=GOOD).status_code == 200
+        text = client.get("/metrics").text
+    assert 'dq_serve_errors_total{type="server_error"} 1' in text
+    assert "dq_serve_images_total 1" in text
+
+
+def test_a_bug_in_a_handler_is_still_a_json_500():
+    from fastapi.testclient import TestClient
+
+    from deploy.server import create_app
+
+    pipeline = StubPipeline()
+    pipeline.manifest = {}  # /healthz reads the model name from it: KeyError
+    with TestClient(create_app(pipeline), raise_server_exceptions=False) as client:
+        assert_error(client.get("/healthz"), 500, "internal error: KeyError", "server_error")
+        assert 'dq_serve_requests_total{endpoint="/healthz",status="500"} 1' in \
+            client.get("/metrics").text
