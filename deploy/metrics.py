@@ -60,9 +60,6 @@ class Counter(_Metric):
         with self._lock:
             self._values[key] = self._values.get(key, 0.0) + amount
 
-    def value(self, **labels) -> float:
-        return self._values.get(self._key(labels), 0.0)
-
     def render(self) -> list[str]:
         return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_number(v)}"
                                 for k, v in sorted(self._values.items())]
@@ -98,9 +95,6 @@ class Histogram(_Metric):
                 series[index] += 1
             series[-2] += value
             series[-1] += 1
-
-    def count(self, **labels) -> int:
-        return self._series.get(self._key(labels), [0])[-1]
 
     def render(self) -> list[str]:
         lines = self.header()

@@ -104,7 +104,6 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
         queue.shutdown()  # uvicorn has already let in-flight requests finish
 
     app = FastAPI(title="dq-serve", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.pipeline, app.state.queue, app.state.metrics = pipeline, queue, metrics
     app.add_middleware(_Instrument, metrics=metrics)
 
     def error_response(error: ApiError) -> JSONResponse:

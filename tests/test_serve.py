@@ -166,6 +166,13 @@ def test_malformed_bodies(client, content, headers, status, expected):
         assert_error(client.post(path, content=content, headers=headers), status, expected)
 
 
+def test_chunked_body_over_the_limit_is_413(client):
+    chunks = iter([b'{"prompt": "', b"x" * 40_000, b"x" * 40_000, b'"}'])  # no Content-Length
+    assert_error(client.post("/generate", content=chunks,
+                             headers={"content-type": "application/json"}), 413,
+                 "request body is larger than 65536 bytes")
+
+
 def test_generate_takes_no_n(client):
     assert_error(client.post("/generate", json={**GOOD, "n": 2}), 400, "unknown field 'n'")
 
@@ -269,7 +276,7 @@ def test_sigterm_finishes_in_flight_requests(short_timeout_server):
         results[steps] = httpx.post(f"{url}/generate", json={"prompt": "x", "steps": steps},
                                     timeout=60)
 
-    threads = [threading.Thread(target=post, args=(s,)) for s in (30, 10)]
+    threads = [threading.Thread(target=post, args=(s,)) for s in (60, 30)]
     for t in threads:
         t.start()
     wait_for_depth(url, 2)
@@ -279,7 +286,7 @@ def test_sigterm_finishes_in_flight_requests(short_timeout_server):
     # uvicorn re-raises the signal once it has drained, so the exit status is SIGTERM's
     assert proc.wait(timeout=30) == -signal.SIGTERM
     assert "Traceback" not in short_timeout_server.log()
-    for steps in (30, 10):
+    for steps in (60, 30):
         assert results[steps].status_code == 200
         png(results[steps].content)
     with pytest.raises(httpx.TransportError):
