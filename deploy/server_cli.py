@@ -1,0 +1,92 @@
+"""``dq-serve DIR``: serve an export over HTTP (OpenAI images API, PNG, health, metrics).
+
+Only argparse is imported up front, so ``--help`` and argument errors are instant; the
+model, FastAPI and uvicorn load after the arguments are known to be good.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dq-serve", description="Serve a dq-export folder over HTTP: POST "
+        "/v1/images/generations, POST /generate (PNG), GET /healthz, GET /metrics.")
+    p.add_argument("export_dir", type=Path, help="folder written by dq-export")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("DQ_SERVE_API_KEY"),
+                   help="require this key ('Authorization: Bearer KEY' or 'X-API-Key: KEY') "
+                        "on every endpoint but /healthz (default: $DQ_SERVE_API_KEY, else none)")
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="generation jobs admitted at once, running included; more get 429")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds a request may wait and run before it gets 504")
+    p.add_argument("--max-n", type=int, default=4, help="most images in one request")
+    p.add_argument("--max-body-bytes", type=int, default=64 * 1024,
+                   help="larger request bodies get 413")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking file hashes against the manifest (faster start)")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in [0, 65535], got {args.port}")
+    for name in ("max_queue", "timeout", "max_n", "max_body_bytes"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    logging.basicConfig(level=args.log_level.upper(), format="dq-serve: %(levelname)s: %(message)s")
+    from dq_export.errors import UserError
+
+    try:
+        from deploy.pipeline import Pipeline
+
+        pipeline = Pipeline.load(args.export_dir, verify=not args.no_verify)
+        pipeline.generate("warm-up", steps=1)  # first call imports the sampler stack
+    except UserError as e:
+        print(f"dq-serve: error: {e}", file=sys.stderr)
+        return e.exit_code
+    return serve(pipeline, args)
+
+
+def serve(pipeline, args) -> int:
+    import uvicorn
+
+    from deploy.server import ServerSettings, create_app
+
+    settings = ServerSettings(max_queue=args.max_queue, timeout=args.timeout,
+                              api_key=args.api_key or None, max_body_bytes=args.max_body_bytes,
+                              max_n=args.max_n)
+    if settings.api_key is None and not _is_loopback(args.host):
+        logging.warning("binding %s without --api-key: anyone who can reach it may generate",
+                        args.host)
+    height, width = pipeline.image_size
+    logging.info("serving %s (%dx%d) on http://%s:%d", args.export_dir, width, height,
+                 args.host, args.port)
+    # uvicorn stops accepting on SIGINT/SIGTERM and lets in-flight requests finish.
+    uvicorn.run(create_app(pipeline, settings), host=args.host, port=args.port,
+                log_level=args.log_level)
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
