@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     first = next(iter(rows.values()))
     manifest = json.loads((Path(first["export"]) / "manifest.json").read_text())
     size = manifest["image"]["height"]
-    results = {"machine": {"cpu": _cpu_name(), "cores": _cores(),
-                           "python": platform.python_version()},
+    results = {"machine": machine(),
                "image_size": size, "unet_batch": 2, "calls": args.calls, "rows": rows,
                "goals": goals(rows)}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -181,16 +180,26 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _cpu_name() -> str:
-    import openvino as ov
-
-    return ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
-def _cores() -> int:
+def machine() -> dict:
+    """What the numbers were measured on: CPU, cores, the ISA flags int8 speed depends on."""
     import os
 
-    return len(os.sched_getaffinity(0))
+    import openvino as ov
+
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {"cpu": ov.Core().get_property("CPU", "FULL_DEVICE_NAME"),
+            "cores": len(os.sched_getaffinity(0)),
+            "isa": [f for f in ISA_FLAGS if f in flags],
+            "openvino": ov.get_version(), "python": platform.python_version()}
 
 
 if __name__ == "__main__":

@@ -154,7 +154,7 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
         with stage(f"OpenVINO IR: {name}"):
             ir_paths[name] = convert_to_ir(path, root / "openvino" / f"{name}.xml",
                                            compress_to_fp16=recipe.bits == "fp16")
-    if graphs["unet"] not in unet_onnx:
+    if graphs["unet"] not in unet_onnx:  # the shared-scale ONNX: only its IR is kept
         _remove_graph(graphs["unet"])
     nncf_settings = None
     if recipe.method == "nncf":
