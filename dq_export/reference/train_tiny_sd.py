@@ -56,7 +56,8 @@ def train_vae(vae, images, steps: int, batch: int, lr: float, generator) -> floa
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    vae.train()
+    vae.train().to(memory_format=torch.channels_last)  # 0.32 vs 2.7 s a batch of 8 here
+    images = images.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     sched = cosine_schedule(opt, steps, warmup=min(50, steps // 10 + 1))
     recent: list[float] = []
@@ -75,7 +76,7 @@ def train_vae(vae, images, steps: int, batch: int, lr: float, generator) -> floa
         recent = (recent + [mse.item()])[-50:]
         if step % 10 == 0:
             bar.set_postfix(mse=f"{np.mean(recent):.4f}")
-    vae.eval()
+    vae.eval().to(memory_format=torch.contiguous_format)
     return float(np.mean(recent))
 
 
@@ -135,7 +136,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, scheduler_config,
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = cosine_schedule(opt, steps, warmup=min(100, steps // 10 + 1))
-    unet.train()
+    unet.train().to(memory_format=torch.channels_last)
     text_encoder.train()
     recent: list[float] = []
     bar = tqdm(range(steps), desc="3/3 unet", file=sys.stdout, mininterval=5)
@@ -148,7 +149,8 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, scheduler_config,
         noise = torch.randn(latents[idx].shape, generator=generator)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,),
                           generator=generator)
-        noisy = noise_schedule.add_noise(latents[idx], noise, t)
+        noisy = noise_schedule.add_noise(latents[idx], noise, t).contiguous(
+            memory_format=torch.channels_last)
         pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
         mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (weights[t] * mse).mean()
@@ -160,7 +162,7 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, scheduler_config,
         recent = (recent + [mse.mean().item()])[-100:]
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(recent):.4f}")
-    unet.eval()
+    unet.eval().to(memory_format=torch.contiguous_format)
     text_encoder.eval()
     return float(np.mean(recent))
 
@@ -223,10 +225,10 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=CONFIG_DIR)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=600)
-    p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--unet-steps", type=int, default=3000)
-    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--unet-steps", type=int, default=1400)
+    p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
     train(args.out, args.seed, args.vae_steps, args.vae_batch, args.unet_steps,
