@@ -9,8 +9,12 @@ weight files are written). Three stages, each with a progress bar:
    channel's mean and spread are then folded into ``quant_conv`` / ``post_quant_conv``, an
    exact reparametrisation that makes ``scaling_factor * latent`` zero-mean and unit-variance,
    as the config's 0.18215 promises the UNet.
-2. The latents of every train digit, once.
-3. UNet and text encoder together on the DDPM epsilon objective with the config's noise
+2. The latents of every train digit, once; and the text encoder taught to tell the digits
+   apart (a linear head reads the digit, or "no caption", from the mean of its hidden
+   states; the head is then dropped), as Stable Diffusion starts from a pretrained CLIP.
+   Trained jointly from random weights instead, in 1400 steps the UNet learnt to ignore
+   the text (judge accuracy 0.09 on its samples).
+3. The UNet, text encoder frozen, on the DDPM epsilon objective with the config's noise
    schedule, captions in varied wordings, and 10% empty captions so that classifier-free
    guidance has an unconditional model to push away from.
 """
@@ -34,6 +38,7 @@ CONFIG_DIR = REGISTRY["tiny-sd"].config_dir
 KL_WEIGHT = 1e-6       # on the per-image KL sum, as Stable Diffusion's VAE: keeps latents tame
 CANONICAL_SHARE = 0.3  # share of captions in the canonical wording (digits.CANONICAL)
 EMPTY_SHARE = 0.1      # share of empty captions: the unconditional model of guidance
+TEXT_STEPS = 300       # text encoder pre-training steps (seconds)
 MIN_SNR_GAMMA = 5.0    # Min-SNR weighting (Hang et al. 2023): converges in fewer steps
 
 
@@ -119,6 +124,33 @@ def caption_ids(tokenizer):
     return torch.stack([ids(all_captions(d)) for d in range(10)]), ids([""])[0]
 
 
+def pretrain_text_encoder(text_encoder, tokenizer, steps: int, batch: int, lr: float,
+                          generator) -> float:
+    """Digit classification from every caption (and the empty one, class 10) through a
+    linear head on the mean hidden state; returns the accuracy over all captions."""
+    import torch
+    import torch.nn.functional as F
+
+    captions, empty = caption_ids(tokenizer)
+    ids = torch.cat([captions.flatten(0, 1), empty[None]])
+    targets = torch.cat([torch.arange(10).repeat_interleave(captions.shape[1]),
+                         torch.tensor([10])])
+    head = torch.nn.Linear(text_encoder.config.hidden_size, 11)
+    params = list(text_encoder.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    text_encoder.train()
+    for _ in range(steps):
+        idx = torch.randint(len(ids), (batch,), generator=generator)
+        loss = F.cross_entropy(head(text_encoder(ids[idx])[0].mean(dim=1)), targets[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    text_encoder.eval()
+    with torch.no_grad():
+        predicted = head(text_encoder(ids)[0].mean(dim=1)).argmax(dim=1)
+    return float((predicted == targets).float().mean())
+
+
 def train_unet(unet, text_encoder, tokenizer, latents, labels, scheduler_config, steps: int,
                batch: int, lr: float, generator) -> float:
     """Epsilon-prediction training, each sample's loss weighted min(SNR, gamma) / SNR;
@@ -133,25 +165,27 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, scheduler_config,
     weights = snr.clamp(max=MIN_SNR_GAMMA) / snr
     captions, empty = caption_ids(tokenizer)
     wordings = captions.shape[1]
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    with torch.no_grad():  # the frozen text encoder's view of every caption, once
+        table = text_encoder(captions.flatten(0, 1))[0].unflatten(0, captions.shape[:2])
+        empty_embedding = text_encoder(empty[None])[0][0]
+    params = list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     sched = cosine_schedule(opt, steps, warmup=min(100, steps // 10 + 1))
     unet.train().to(memory_format=torch.channels_last)
-    text_encoder.train()
     recent: list[float] = []
     bar = tqdm(range(steps), desc="3/3 unet", file=sys.stdout, mininterval=5)
     for step in bar:
         idx = torch.randint(len(latents), (batch,), generator=generator)
         wording = torch.where(torch.rand(batch, generator=generator) < CANONICAL_SHARE, 0,
                               torch.randint(1, wordings, (batch,), generator=generator))
-        ids = captions[labels[idx], wording]
-        ids[torch.rand(batch, generator=generator) < EMPTY_SHARE] = empty
+        context = table[labels[idx], wording]
+        context[torch.rand(batch, generator=generator) < EMPTY_SHARE] = empty_embedding
         noise = torch.randn(latents[idx].shape, generator=generator)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,),
                           generator=generator)
         noisy = noise_schedule.add_noise(latents[idx], noise, t).contiguous(
             memory_format=torch.channels_last)
-        pred = unet(noisy, t, encoder_hidden_states=text_encoder(ids)[0]).sample
+        pred = unet(noisy, t, encoder_hidden_states=context).sample
         mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (weights[t] * mse).mean()
         opt.zero_grad()
@@ -163,7 +197,6 @@ def train_unet(unet, text_encoder, tokenizer, latents, labels, scheduler_config,
         if step % 10 == 0:
             bar.set_postfix(loss=f"{np.mean(recent):.4f}")
     unet.eval().to(memory_format=torch.contiguous_format)
-    text_encoder.eval()
     return float(np.mean(recent))
 
 
@@ -199,6 +232,9 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, unet_steps: int,
     print(f"2/3 latents {tuple(latents.shape)}: mean {latents.mean():.3f}, "
           f"std {latents.std():.3f}", flush=True)
 
+    text_accuracy = pretrain_text_encoder(parts.text_encoder, parts.tokenizer, TEXT_STEPS, 64,
+                                          lr, generator)
+    print(f"2/3 text encoder: digit read from caption, accuracy {text_accuracy:.3f}", flush=True)
     unet_loss = train_unet(parts.unet, parts.text_encoder, parts.tokenizer, latents, labels,
                            parts.scheduler_config, unet_steps, unet_batch, lr, generator)
     seconds = time.perf_counter() - start
@@ -213,6 +249,7 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, unet_steps: int,
         "command": "python -m dq_export.reference.train_tiny_sd " + " ".join(sys.argv[1:]),
         "seed": seed, "train_digits": len(images), "held_out_digits": len(split.test_labels),
         "vae": {"steps": vae_steps, "batch": vae_batch, "final_mse": round(vae_mse, 5)},
+        "text_encoder": {"steps": TEXT_STEPS, "caption_accuracy": text_accuracy},
         "unet": {"steps": unet_steps, "batch": unet_batch, "final_loss": round(unet_loss, 5)},
         "lr": lr, "seconds": round(seconds, 1), "threads": torch.get_num_threads(),
     }
@@ -225,7 +262,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=CONFIG_DIR)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-steps", type=int, default=300)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--unet-steps", type=int, default=1400)
     p.add_argument("--unet-batch", type=int, default=32)
