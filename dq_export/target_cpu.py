@@ -59,8 +59,8 @@ def profile_nodes(graph: Path, shapes: dict[str, list[int]], device: str = "CPU"
 
     core = ov.Core()
     model = core.read_model(str(graph))
-    model.reshape({_graph_name(port, shapes): ov.PartialShape(shapes[_graph_name(port, shapes)])
-                   for port in model.inputs if _graph_name(port, shapes) in shapes})
+    names = [_graph_name(port, shapes) for port in model.inputs]
+    model.reshape({name: ov.PartialShape(shapes[name]) for name in names if name in shapes})
     compiled = core.compile_model(model, device, {"PERF_COUNT": True,
                                                   "INFERENCE_PRECISION_HINT": "f32",
                                                   "PERFORMANCE_HINT": "LATENCY"})
