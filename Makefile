@@ -4,13 +4,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= a handwritten digit 7
+# FID's network for benchmarks/sd_quality.py. --no-deps: torch-fidelity requires torchvision,
+# and PyPI's torchvision is a CUDA build that fails to load beside the CPU torch (then breaks
+# transformers' imports); sd_quality.py imports only torch-fidelity's torch-only InceptionV3.
+TORCH_FIDELITY := torch-fidelity==0.4.0
 
 .PHONY: demo test
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps $(TORCH_FIDELITY)
 	touch $(STAMP)
 
 ## demo: export the embedded tiny-sd model and generate a PNG with OpenVINO

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dq_export.image_metrics import fid as digits_fid  # the FID formula, on judge features
+
 WEIGHTS = Path(__file__).parent / "judge.safetensors"
 FEATURES = 64
 _cache: dict = {}
@@ -71,23 +73,3 @@ def classify(images, model=None) -> tuple[np.ndarray, np.ndarray]:
 def features(images, model=None) -> np.ndarray:
     """The judge's penultimate activations (N x 64), for ``digits_fid``."""
     return _run(images, -1, model).numpy().astype(np.float64)
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2), the distance between two Gaussians."""
-    from scipy import linalg
-
-    covmean, _ = linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
-        offset = np.eye(len(sigma1)) * 1e-6
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-    covmean = covmean.real
-    diff = np.asarray(mu1) - np.asarray(mu2)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def digits_fid(features_a: np.ndarray, features_b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two sets of judge features (rows)."""
-    a, b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False),
-                            b.mean(0), np.cov(b, rowvar=False))
