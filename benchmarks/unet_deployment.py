@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from common import bars, child_main, figure, machine, markdown_table, parse_exports, run_child
+
+from dq_export.errors import UserError
 
 IMAGE_STEPS = 50  # the image the switch cost is compared with: 50 PNDM steps
 
 
-def measure(export_dir: Path, calls: int) -> dict:
-    """Runs inside the child process: everything about one export."""
+def measure(export_dir: str, calls: int) -> dict:
+    """Runs inside the child process: everything about one export (its peak RSS is added)."""
     from deploy import Pipeline
 
     start = time.perf_counter()
@@ -72,7 +72,6 @@ def measure(export_dir: Path, calls: int) -> dict:
         "switch_cost_ms": round(1e3 * (statistics.median(switched) - statistics.median(same)), 2),
         "text_encoder_ms": round(1e3 * result.timings["text_encoder"], 1),
         "vae_decoder_ms": round(1e3 * result.timings["vae_decoder"], 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "unet_ir_mb": round(unet_bytes / 1e6, 1),
         "export_mb": round(sum(f["bytes"] for f in files.values()) / 1e6, 1),
     }
@@ -83,14 +82,6 @@ def _steps_by_group(table) -> list[list[int]]:
     for step, group in enumerate(table.step_to_group):
         groups.setdefault(group, []).append(step)
     return [groups[g] for g in sorted(groups)]
-
-
-def run_child(export_dir: Path, calls: int) -> dict:
-    command = [sys.executable, __file__, "--child", str(export_dir), "--calls", str(calls)]
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"{export_dir}: the benchmark process failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def goals(rows: dict[str, dict]) -> dict:
@@ -112,31 +103,19 @@ def goals(rows: dict[str, dict]) -> dict:
 
 
 def table(rows: dict[str, dict]) -> str:
-    head = ("export", "UNet call ms (median)", "first call ms", "group switch ms", "peak RSS MB", "UNet IR MB",
-            "export MB")
-    lines = [" | ".join(head), " | ".join("---" for _ in head)]
-    for label, r in rows.items():
-        lines.append(" | ".join(str(v) for v in (
-            label, r["call_ms_median"], r["first_call_ms"], r["switch_cost_ms"], r["peak_rss_mb"],
-            r["unet_ir_mb"], r["export_mb"])))
-    return "\n".join(f"| {line} |" for line in lines)
+    head = ("export", "UNet call ms (median)", "first call ms", "group switch ms", "peak RSS MB",
+            "UNet IR MB", "export MB")
+    return markdown_table(head, [(label, r["call_ms_median"], r["first_call_ms"],
+                                  r["switch_cost_ms"], r["peak_rss_mb"], r["unet_ir_mb"],
+                                  r["export_mb"]) for label, r in rows.items()])
 
 
 def chart(rows: dict[str, dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    fig, axes = figure(3)
     for ax, key, name in zip(axes, ("call_ms_median", "peak_rss_mb", "unet_ir_mb"),
                              ("UNet call, ms (median)", "peak RSS, MB", "UNet IR, MB")):
-        values = [rows[label][key] for label in labels]
-        ax.bar(labels, values, color=["#888888", "#4c72b0", "#dd8452", "#55a868"][:len(labels)])
-        ax.set_title(name)
-        for i, v in enumerate(values):
-            ax.text(i, v, f"{v:g}", ha="center", va="bottom", fontsize=8)
+        bars(ax, labels, [rows[label][key] for label in labels], name)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -148,22 +127,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calls", type=int, default=10,
                    help="timed UNet calls per export after the first (default 10)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/unet-deployment"))
-    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(measure(args.child, args.calls)))
-        return 0
-    if not args.exports or any("=" not in e for e in args.exports):
+        return child_main(args.child, args.child_out, measure)
+    if not args.exports:
         p.error("give exports as LABEL=DIR, e.g. fp32=exports/sd14-fp32")
     if args.calls < 10:
         p.error("--calls must be at least 10 (a median of 5 switched and 5 same-group calls)")
-    rows = {}
-    for item in args.exports:
-        label, path = item.split("=", 1)
-        if not (Path(path) / "manifest.json").is_file():
-            p.error(f"{path} is not an export folder (no manifest.json)")
-        print(f"{label}: {path} ...", file=sys.stderr, flush=True)
-        rows[label] = run_child(Path(path), args.calls)
+    try:
+        rows = {}
+        for label, path in parse_exports(args.exports).items():
+            print(f"{label}: {path} ...", file=sys.stderr, flush=True)
+            rows[label] = run_child(__file__, {"export_dir": str(path), "calls": args.calls},
+                                    label)
+    except UserError as e:
+        print(f"unet_deployment: error: {e}", file=sys.stderr)
+        return e.exit_code
     first = next(iter(rows.values()))
     manifest = json.loads((Path(first["export"]) / "manifest.json").read_text())
     size = manifest["image"]["height"]
@@ -178,28 +159,6 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results["goals"], indent=2))
     print(f"wrote {args.out / 'results.json'} and results.png")
     return 0
-
-
-ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
-
-
-def machine() -> dict:
-    """What the numbers were measured on: CPU, cores, the ISA flags int8 speed depends on."""
-    import os
-
-    import openvino as ov
-
-    flags = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    return {"cpu": ov.Core().get_property("CPU", "FULL_DEVICE_NAME"),
-            "cores": len(os.sched_getaffinity(0)),
-            "isa": [f for f in ISA_FLAGS if f in flags],
-            "openvino": ov.get_version(), "python": platform.python_version()}
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """deploy.Pipeline: an export folder -> images, with OpenVINO on the CPU.
 
 Load once, generate many. ``generate`` holds a lock, so one Pipeline may be shared between
-threads; calls run one at a time (give each worker its own Pipeline for parallel requests).
+threads; calls run one at a time. For parallel requests give each worker thread a
+``sibling()``: the same compiled models (one copy of the weights), its own infer requests.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import threading
@@ -73,6 +75,7 @@ class Pipeline:
         quantization = manifest.get("quantization", {})
         self.steps = StepTable.from_manifest(quantization) if "timesteps" in quantization else None
         self.batch_size = 0
+        self._compiled: dict = {}
         self._requests: dict = {}
         self._compile(batch_size)
 
@@ -104,14 +107,34 @@ class Pipeline:
             "vae_decoder": {"latents": [batch_size, *latent]},
         }
         core = ov.Core()
-        self._requests = {}
+        self._compiled = {}  # a new dict: siblings keep the models they were made with
         for name, shape in shapes.items():
             model = core.read_model(self.root / self.manifest["components"][name]["openvino"])
             model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
-            compiled = core.compile_model(model, self.device, self.ov_config)
-            self._requests[name] = compiled.create_infer_request()
+            self._compiled[name] = core.compile_model(model, self.device, self.ov_config)
+        self._requests = {name: c.create_infer_request() for name, c in self._compiled.items()}
         self.batch_size = batch_size
         self._latent_shape = (batch_size, *latent)
+
+    @property
+    def optimal_requests(self) -> int:
+        """How many infer requests the compiled UNet wants in flight to be kept busy
+        (OpenVINO's OPTIMAL_NUMBER_OF_INFER_REQUESTS): 1 under the LATENCY hint, about one
+        per stream under ``PERFORMANCE_HINT: THROUGHPUT``."""
+        return int(self._compiled["unet"].get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+
+    def sibling(self) -> Pipeline:
+        """A Pipeline on these compiled models with its own infer requests, lock and
+        tokenizer (fast tokenizers are not thread-safe: transformers#47085). A compiled
+        model runs concurrent requests on its streams and shares its weights between them,
+        so ``optimal_requests`` siblings, one per thread, give the THROUGHPUT hint its
+        parallelism for the memory of one. A sibling asked for another batch size compiles
+        models of its own."""
+        twin = copy.copy(self)
+        twin.tokenizer = copy.deepcopy(self.tokenizer)
+        twin._lock = threading.Lock()
+        twin._requests = {name: c.create_infer_request() for name, c in self._compiled.items()}
+        return twin
 
     def _run(self, name: str, inputs: dict) -> np.ndarray:
         return self._requests[name].infer(inputs)[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 from dq_export.errors import UserError
 
 # name: (diffusers class, overrides of the exported config)
@@ -11,6 +13,7 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
     "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "euler": ("EulerDiscreteScheduler", {}),
 }
+_IMPORT_LOCK = threading.Lock()  # diffusers imports lazily: racing first imports fail
 ALIASES = {"plms": "pndm", "dpmsolver++": "dpm++", "dpm-solver++": "dpm++", "dpm": "dpm++"}
 
 
@@ -22,7 +25,9 @@ def scheduler_name(name: str) -> str:
 
 
 def make_scheduler(name: str, config: dict):
-    import diffusers
-
     cls_name, overrides = SCHEDULERS[scheduler_name(name)]
-    return getattr(diffusers, cls_name).from_config({**config, **overrides})
+    with _IMPORT_LOCK:
+        import diffusers
+
+        cls = getattr(diffusers, cls_name)
+    return cls.from_config({**config, **overrides})

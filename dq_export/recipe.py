@@ -18,6 +18,8 @@ RECIPE_VERSION = 1
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 METHODS = ("dq", "nncf")
 TARGET_CPUS = ("none", "auto")
+# The smallest calibration that still fits 4 groups: the tests' and benchmarks' tiny-sd W8A8
+TINY_CALIBRATION = dict(calib_steps=10, calib_prompts=4, calib_batch=2, groups=4)
 
 
 @dataclass(frozen=True)

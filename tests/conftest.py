@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from dq_export.recipe import TINY_CALIBRATION
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -39,9 +41,6 @@ def tiny_pipeline(tiny_export):
     from deploy import Pipeline
 
     return Pipeline.load(tiny_export)
-
-
-TINY_CALIBRATION = dict(calib_steps=10, calib_prompts=4, calib_batch=2, groups=4)
 
 
 @pytest.fixture(scope="session")

@@ -95,3 +95,26 @@ def test_missing_manifest_and_tampered_files_are_detected(tiny_export, tmp_path)
     (copy / "openvino" / "unet.bin").unlink()
     with pytest.raises(UserError, match="unet.bin is missing"):
         Pipeline.load(copy)
+
+
+def test_siblings_share_compiled_models_and_generate_concurrently(tiny_export):
+    """Throughput serving: siblings in threads draw what one Pipeline draws in turn."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pipe = Pipeline.load(tiny_export, batch_size=2, verify=False,
+                         ov_config={"PERFORMANCE_HINT": "THROUGHPUT"})
+    assert pipe.optimal_requests >= 1
+    twins = [pipe, pipe.sibling(), pipe.sibling()]
+    assert all(t._compiled is pipe._compiled for t in twins)  # one copy of the weights
+    assert len({id(t._requests["unet"]) for t in twins}) == 3
+
+    def draw(twin, seed):
+        return np.asarray(twin.generate(["a digit 1", "a digit 2"], steps=3, seed=seed,
+                                        scheduler="dpm++").images[1])
+
+    in_turn = [draw(pipe, seed) for seed in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(draw, twins, range(3)))
+    assert all(np.array_equal(a, b) for a, b in zip(in_turn, together))
+    twins[2].generate("a digit 3", steps=1)  # another batch size: models of its own
+    assert twins[2]._compiled is not pipe._compiled and pipe.batch_size == 2

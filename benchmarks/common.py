@@ -1,0 +1,109 @@
+"""What the side-by-side benchmark scripts share: reading ``LABEL=DIR`` arguments, one fresh
+child process per measurement (so a peak RSS is that measurement's alone), the machine
+line every result carries, markdown tables and bar charts.
+
+The scripts run as files (``python benchmarks/X.py``), so they import this as ``common``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from dq_export.errors import UserError
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+COLORS = ("#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
+
+
+def parse_exports(items: list[str]) -> dict[str, Path]:
+    """``LABEL=EXPORT_DIR`` arguments -> {label: folder}, each checked to be an export."""
+    from dq_export.manifest import read_manifest
+
+    exports: dict[str, Path] = {}
+    for item in items:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path:
+            raise UserError(f"{item!r}: give exports as LABEL=DIR, e.g. fp32=exports/sd14-fp32")
+        if label in exports:
+            raise UserError(f"label {label!r} is given twice: give each export its own label")
+        exports[label] = Path(path)
+    for label, path in exports.items():
+        if not path.is_dir():
+            raise UserError(f"{path}: no such folder (label {label})")
+        read_manifest(path, verify=False)  # a one-line UserError if it is no export
+    return exports
+
+
+def run_child(script: str, task: dict, what: str) -> dict:
+    """Run ``script --child TASK --child-out FILE`` in a fresh process and return what it
+    wrote there. Its stderr (progress, errors) goes straight to ours."""
+    with tempfile.TemporaryDirectory(prefix="dq-bench-") as tmp:
+        out = Path(tmp) / "result.json"
+        command = [sys.executable, script, "--child", json.dumps(task), "--child-out", str(out)]
+        code = subprocess.run(command).returncode
+        if code != 0 or not out.is_file():
+            raise UserError(f"{what}: the benchmark process failed (exit {code}); its "
+                            "messages are above")
+        return json.loads(out.read_text())
+
+
+def child_main(task: str, out: Path, measure) -> int:
+    """The child's side of ``run_child``: ``measure(**task)`` plus this process's peak RSS."""
+    from dq_export.export import peak_rss_mb
+
+    try:
+        result = measure(**json.loads(task))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    result["peak_rss_mb"] = peak_rss_mb()
+    out.write_text(json.dumps(result))
+    return 0
+
+
+def machine() -> dict:
+    """What the numbers were measured on: CPU, cores, the ISA flags int8 speed depends on."""
+    import openvino as ov
+
+    from dq_export.target_cpu import cpu_description
+
+    flags = set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    return {"cpu": cpu_description()["device"], "cores": len(os.sched_getaffinity(0)),
+            "isa": [f for f in ISA_FLAGS if f in flags],
+            "openvino": ov.get_version(), "python": platform.python_version()}
+
+
+def markdown_table(head: tuple | list, rows: list) -> str:
+    lines = [head, ["---"] * len(head), *rows]
+    return "\n".join("| " + " | ".join(str(v) for v in line) + " |" for line in lines)
+
+
+def bars(ax, labels: list[str], values: list[float], title: str) -> None:
+    """One bar per label with its value written on top."""
+    ax.bar(labels, values, color=[COLORS[i % len(COLORS)] for i in range(len(labels))])
+    ax.set_title(title)
+    ax.tick_params(axis="x", labelrotation=30)
+    for i, v in enumerate(values):
+        ax.text(i, v, f"{v:g}", ha="center", va="bottom", fontsize=8)
+
+
+def figure(columns: int, width: float = 4.0):
+    """A row of ``columns`` matplotlib axes, drawn without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(width * columns, 3.8))

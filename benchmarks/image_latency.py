@@ -1,0 +1,350 @@
+"""End-to-end image latency by component, peak memory, size on disk and server throughput of
+several exports side by side, with the ratios that matter: speed-up over FP32, ours over
+NNCF, peak RSS over FP32.
+
+Every measurement runs in a fresh process, one after the other, never in parallel, so a peak
+RSS is that measurement's alone. Latency (OpenVINO's LATENCY hint, one prompt: UNet batch 2
+with guidance): load + compile, the first image on its own (first-call allocations), then
+--repeats images per sampler, each timed by component (text encoder, UNet loop, VAE decoder,
+total; a UNet step is one UNet call plus the scheduler update); medians. Throughput, one
+process per --batch B: ``PERFORMANCE_HINT: THROUGHPUT``, and as many threads as the compiled
+UNet's OPTIMAL_NUMBER_OF_INFER_REQUESTS, each generating its own batch of B prompts on a
+``Pipeline.sibling()`` (the same compiled models: one copy of the weights); images per minute.
+
+    python benchmarks/image_latency.py fp32=exports/sd14-fp32 nncf=exports/sd14-nncf \\
+        ours=exports/sd14-w8a8 --out benchmarks/results/sd14-image-latency
+    python benchmarks/image_latency.py --quick    # CI smoke run on tiny-sd: works, not speed
+
+Prints markdown tables (``benchmarks/readme_table.py RESULTS_JSON`` prints them again);
+writes results.json and results.png to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import bars, child_main, figure, machine, parse_exports, run_child
+from readme_table import markdown
+
+from dq_export.errors import UserError
+
+DEFAULT_SCHEDULERS = "pndm:50,dpm++:20"  # the papers' PLMS 50 steps, and a fast sampler
+DEFAULT_THROUGHPUT = "dpm++:20"
+QUICK = {"schedulers": "pndm:2,dpm++:2", "throughput": "dpm++:2", "repeats": 1, "batch": "2"}
+PROMPT = "a photograph of a lighthouse at dusk"
+TIMED = ("text_encoder", "unet_loop", "vae_decoder", "total")  # deploy.Pipeline's timings
+COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+MEMORY_GOAL = 0.4  # the issue's goal: ours W8A8 peak RSS <= 0.4x FP32's
+
+
+def parse_schedulers(text: str) -> list[str]:
+    """``pndm:50,dpm++:20`` -> ``["pndm:50", "dpm++:20"]`` with canonical sampler names."""
+    from deploy.schedulers import scheduler_name
+
+    specs = []
+    for item in text.split(","):
+        name, sep, steps = item.strip().partition(":")
+        if not sep or not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"scheduler spec {item.strip()!r}: use NAME:STEPS with STEPS >= 1, "
+                            "e.g. pndm:50,dpm++:20")
+        spec = f"{scheduler_name(name)}:{int(steps)}"
+        if spec in specs:
+            raise UserError(f"scheduler {spec} is given twice")
+        specs.append(spec)
+    return specs
+
+
+def parse_batches(text: str) -> list[int]:
+    try:
+        batches = [int(b) for b in text.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise UserError(f"--batch {text!r}: give batch sizes >= 1, comma-separated, e.g. 2,4")
+    return sorted(set(batches))
+
+
+def _image(pipe, spec: str, seed: int):
+    name, steps = spec.split(":")
+    return pipe.generate([PROMPT] * pipe.batch_size, steps=int(steps), scheduler=name,
+                         seed=seed)
+
+
+def _medians(images: list) -> dict:
+    """Median milliseconds of each timed component, and of every sampler step."""
+    out = {f"{k}_ms": round(1e3 * statistics.median(r.timings[k] for r in images), 2)
+           for k in TIMED}
+    out["unet_step_ms"] = round(1e3 * statistics.median(s for r in images
+                                                        for s in r.step_seconds), 2)
+    out["total_ms_all"] = [round(1e3 * r.timings["total"], 2) for r in images]
+    return out
+
+
+def _import_runtime(export: str, schedulers: list[str]) -> None:
+    """Python's imports (OpenVINO, transformers, torch, diffusers' schedulers) before any
+    clock starts: they are the interpreter's start-up, not the export's load or first image."""
+    import openvino  # noqa: F401
+    from transformers import CLIPTokenizer  # noqa: F401
+
+    from deploy.schedulers import make_scheduler
+    from dq_export.manifest import read_manifest
+
+    config = read_manifest(Path(export), verify=False)["scheduler"]
+    for spec in schedulers:
+        make_scheduler(spec.split(":")[0], config)
+
+
+def measure_latency(export: str, label: str, schedulers: list[str], repeats: int) -> dict:
+    """Child: load + compile, the first image, then ``repeats`` images per sampler."""
+    from tqdm import tqdm
+
+    from deploy import Pipeline
+
+    _import_runtime(export, schedulers)
+    start = time.perf_counter()
+    pipe = Pipeline.load(export, verify=False)
+    load_s = time.perf_counter() - start
+    images: dict[str, list] = {spec: [] for spec in schedulers}
+    with tqdm(total=1 + repeats * len(schedulers), desc=f"{label}: latency", unit="image",
+              file=sys.stderr) as bar:
+        first = _image(pipe, schedulers[0], seed=0)
+        bar.update()
+        for spec in schedulers:
+            for i in range(repeats):
+                images[spec].append(_image(pipe, spec, seed=1 + i))
+                bar.update()
+    return {"load_and_compile_s": round(load_s, 3),
+            "first_image": {"scheduler": schedulers[0], **_medians([first])},
+            "latency": {spec: _medians(runs) for spec, runs in images.items()}}
+
+
+def measure_throughput(export: str, label: str, batch: int, scheduler: str,
+                       repeats: int) -> dict:
+    """Child: images per minute with the UNet's optimal number of requests in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    from deploy import Pipeline
+
+    pipe = Pipeline.load(export, batch_size=batch, verify=False,
+                         ov_config={"PERFORMANCE_HINT": "THROUGHPUT"})
+    workers = [pipe] + [pipe.sibling() for _ in range(pipe.optimal_requests - 1)]
+    with tqdm(total=len(workers) * batch * (1 + repeats), unit="image", file=sys.stderr,
+              desc=f"{label}: throughput, batch {batch} x {len(workers)} requests") as bar:
+
+        def generate(worker, rounds: int) -> None:
+            for i in range(rounds):
+                _image(worker, scheduler, seed=i)
+                bar.update(batch)
+
+        with ThreadPoolExecutor(len(workers)) as pool:
+            list(pool.map(generate, workers, [1] * len(workers)))  # every request's first call
+            start = time.perf_counter()
+            list(pool.map(generate, workers, [repeats] * len(workers)))
+            wall = time.perf_counter() - start
+    images = len(workers) * batch * repeats
+    return {"batch": batch, "requests": len(workers), "scheduler": scheduler, "images": images,
+            "wall_s": round(wall, 3), "images_per_min": round(60 * images / wall, 2)}
+
+
+def measure(kind: str, **task) -> dict:
+    return {"latency": measure_latency, "throughput": measure_throughput}[kind](**task)
+
+
+def disk_sizes(root: Path, manifest: dict) -> dict[str, float]:
+    """MB on disk: each component's OpenVINO IR (.xml + .bin) and the whole export folder."""
+    def mb(paths) -> float:
+        return round(sum(p.stat().st_size for p in paths) / 1e6, 2)
+
+    sizes = {}
+    for name in COMPONENTS:
+        xml = root / manifest["components"][name]["openvino"]
+        sizes[name] = mb([xml, xml.with_suffix(".bin")])
+    sizes["export"] = mb(p for p in root.rglob("*") if p.is_file())
+    return sizes
+
+
+def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,
+              batches: list[int], throughput: str) -> dict[str, dict]:
+    """One latency process per export, then one throughput process per batch size."""
+    from dq_export.manifest import read_manifest
+
+    rows = {}
+    for label, root in exports.items():
+        manifest = read_manifest(root, verify=False)
+        quantization = manifest.get("quantization", {})
+        print(f"{label}: {root}", file=sys.stderr, flush=True)
+        task = {"export": str(root), "label": label}
+        row = {"export": str(root), "model": manifest["model"].get("name") or root.name,
+               "bits": manifest["recipe"]["bits"],
+               "method": manifest["recipe"]["method"],
+               "groups": len(set(quantization["step_to_group"]))
+               if "step_to_group" in quantization else None,
+               "image_size": manifest["image"]["height"],
+               **run_child(__file__, {"kind": "latency", **task, "schedulers": schedulers,
+                                      "repeats": repeats}, f"{label} latency"),
+               "sizes_mb": disk_sizes(root, manifest)}
+        row["throughput"] = {str(b): run_child(__file__, {
+            "kind": "throughput", **task, "batch": b, "scheduler": throughput,
+            "repeats": repeats}, f"{label} throughput at batch {b}") for b in batches}
+        rows[label] = row
+    return rows
+
+
+def _is_ours(row: dict) -> bool:
+    return row["method"] == "dq" and row["bits"] not in ("fp32", "fp16")
+
+
+def ratios(rows: dict[str, dict]) -> dict[str, dict]:
+    """Per export: speed-ups (image and UNet loop, per sampler) and throughput and peak RSS
+    over the first FP32 export; speed-ups of ours over the first NNCF export."""
+    fp32 = next((label for label, r in rows.items() if r["bits"] == "fp32"), None)
+    nncf = next((label for label, r in rows.items() if r["method"] == "nncf"), None)
+
+    def speedups(base: dict, row: dict) -> dict:
+        return {spec: {part: round(base["latency"][spec][f"{part}_ms"] / lat[f"{part}_ms"], 3)
+                       for part in ("total", "unet_loop")}
+                for spec, lat in row["latency"].items()}
+
+    out = {}
+    for label, row in rows.items():
+        entry = {}
+        if fp32 is not None:
+            base = rows[fp32]
+            entry["speedup_vs_fp32"] = speedups(base, row)
+            entry["throughput_vs_fp32"] = {
+                b: round(t["images_per_min"] / base["throughput"][b]["images_per_min"], 3)
+                for b, t in row["throughput"].items()}
+            entry["peak_rss_vs_fp32"] = round(row["peak_rss_mb"] / base["peak_rss_mb"], 3)
+        if nncf is not None and _is_ours(row):
+            entry["speedup_vs_nncf"] = speedups(rows[nncf], row)
+        out[label] = entry
+    return out
+
+
+def memory_goal(rows: dict[str, dict], ratio: dict[str, dict]) -> dict:
+    """Ours at W8A8 against the goal peak RSS <= 0.4x FP32 (needs an FP32 export)."""
+    return {label: {"peak_rss_vs_fp32": ratio[label]["peak_rss_vs_fp32"],
+                    "met": ratio[label]["peak_rss_vs_fp32"] <= MEMORY_GOAL}
+            for label, row in rows.items()
+            if _is_ours(row) and row["bits"] == "w8a8" and "peak_rss_vs_fp32" in ratio[label]}
+
+
+def chart(results: dict, path: Path) -> None:
+    rows = results["exports"]
+    labels = list(rows)
+    fig, (latency, memory, served) = figure(3, width=4.6)
+    names = [f"{label}\n{spec}" for label in labels for spec in results["schedulers"]]
+    bottom = [0.0] * len(names)
+    for part, color in zip(("text_encoder", "unet_loop", "vae_decoder"),
+                           ("#dd8452", "#4c72b0", "#55a868")):
+        seconds = [rows[label]["latency"][spec][f"{part}_ms"] / 1e3 for label in labels
+                   for spec in results["schedulers"]]
+        latency.bar(names, seconds, bottom=bottom, color=color, label=part.replace("_", " "))
+        bottom = [b + s for b, s in zip(bottom, seconds)]
+    latency.set_title("image latency, s (median)")
+    latency.tick_params(axis="x", labelsize=7)
+    latency.legend(fontsize=7)
+    bars(memory, labels, [rows[label]["peak_rss_mb"] for label in labels], "peak RSS, MB")
+    batch = str(results["throughput"]["batches"][-1])
+    bars(served, labels, [rows[label]["throughput"][batch]["images_per_min"]
+                          for label in labels],
+         f"images/min, batch {batch}, {results['throughput']['scheduler']}")
+    fig.suptitle(f"{results['model']} {results['image_size']}x{results['image_size']}, "
+                 f"{results['machine']['cpu']}, {results['machine']['cores']} cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def quick_exports(root: Path) -> dict[str, Path]:
+    """--quick without exports: tiny-sd with random weights at FP32 and W8A8 (tiny
+    calibration), written under ``root``."""
+    from dq_export.export import export
+    from dq_export.recipe import TINY_CALIBRATION, Recipe
+
+    recipes = {"fp32": Recipe(bits="fp32"), "w8a8": Recipe(bits="w8a8", **TINY_CALIBRATION)}
+    for label, recipe in recipes.items():
+        print(f"--quick: exporting tiny-sd {label} (random weights)", file=sys.stderr,
+              flush=True)
+        export("tiny-sd", root / label, recipe, init="random",
+               calibration_dir=root / "calibration")
+    return {label: root / label for label in recipes}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("exports", nargs="*", help="LABEL=EXPORT_DIR, in the order to run them")
+    p.add_argument("--schedulers", help="SAMPLER:STEPS,... timed for latency "
+                   f"(default {DEFAULT_SCHEDULERS}; --quick {QUICK['schedulers']})")
+    p.add_argument("--repeats", type=int, help="timed images per sampler after the first "
+                   f"(default 3; --quick {QUICK['repeats']}); also throughput rounds")
+    p.add_argument("--batch", help="prompts per request in the throughput runs, comma-separated"
+                   f" (default 4; --quick {QUICK['batch']})")
+    p.add_argument("--throughput-scheduler", help="SAMPLER:STEPS of the throughput runs "
+                   f"(default {DEFAULT_THROUGHPUT}; --quick {QUICK['throughput']})")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: 2-step samplers, 1 "
+                   "repeat, batch 2; without exports, tiny-sd FP32 and W8A8 made in a temp dir")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/image-latency"))
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
+    return p
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    quick = QUICK if args.quick else {}
+    schedulers = parse_schedulers(args.schedulers or quick.get("schedulers", DEFAULT_SCHEDULERS))
+    throughput, = parse_schedulers(args.throughput_scheduler
+                                   or quick.get("throughput", DEFAULT_THROUGHPUT))
+    batches = parse_batches(args.batch or quick.get("batch", "4"))
+    repeats = args.repeats if args.repeats is not None else quick.get("repeats", 3)
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if not args.exports and not args.quick:
+        raise UserError("give exports as LABEL=DIR, e.g. fp32=exports/sd14-fp32 (or --quick)")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} exists and is not a folder")
+    exports = parse_exports(args.exports)
+    with tempfile.TemporaryDirectory(prefix="dq-bench-quick-") as tmp:
+        exports = exports or quick_exports(Path(tmp))
+        rows = benchmark(exports, schedulers, repeats, batches, throughput)
+    ratio = ratios(rows)
+    first = next(iter(rows.values()))
+    results = {"machine": machine(), "model": first["model"],
+               "image_size": first["image_size"], "prompt": PROMPT, "schedulers": schedulers,
+               "repeats": repeats, "throughput": {"scheduler": throughput, "batches": batches,
+                                                  "hint": "THROUGHPUT"},
+               "exports": rows, "ratios": ratio,
+               "goals": {"memory": {"target_peak_rss_vs_fp32": MEMORY_GOAL,
+                                    "exports": memory_goal(rows, ratio)}},
+               "command": command}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, args.out / "results.png")
+    print(markdown(results))
+    print(f"wrote {args.out / 'results.json'} and results.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.child:
+        return child_main(args.child, args.child_out, measure)
+    command = shlex.join(["python", "benchmarks/image_latency.py",
+                          *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return run(args, command)
+    except UserError as e:
+        print(f"image_latency: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""benchmarks/image_latency.py end to end on the session's tiny exports (the --quick
+settings), the README tables generated from its JSON, its ratios, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+SCHEDULERS = ("pndm:2", "dpm++:2")  # --quick's
+TIMED = ("text_encoder_ms", "unet_loop_ms", "unet_step_ms", "vae_decoder_ms", "total_ms")
+
+
+def run_script(name: str, *args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCHMARKS / name), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_export, tiny_w8a8, tmp_path_factory):
+    out = tmp_path_factory.mktemp("image-latency")
+    done = run_script("image_latency.py", "--quick", f"fp32={tiny_export}",
+                      f"ours={tiny_w8a8}", "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done, out
+
+
+def test_quick_run_has_every_export_component_and_ratio(quick_run):
+    done, out = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert (out / "results.png").stat().st_size > 0
+    assert results["schedulers"] == list(SCHEDULERS) and results["repeats"] == 1
+    assert set(results["machine"]) >= {"cpu", "cores", "isa", "openvino"}
+    assert list(results["exports"]) == ["fp32", "ours"]
+    for row in results["exports"].values():
+        assert row["load_and_compile_s"] > 0 and row["peak_rss_mb"] > 0
+        assert all(row["first_image"][k] > 0 for k in TIMED)
+        for spec in SCHEDULERS:
+            assert all(row["latency"][spec][k] > 0 for k in TIMED)
+        assert set(row["sizes_mb"]) == {"text_encoder", "unet", "vae_decoder", "export"}
+        assert row["sizes_mb"]["export"] > sum(row["sizes_mb"][k] for k in
+                                               ("text_encoder", "unet", "vae_decoder"))
+        throughput = row["throughput"]["2"]
+        assert throughput["requests"] >= 1 and throughput["images_per_min"] > 0
+        assert throughput["images"] == 2 * throughput["requests"]
+    assert results["exports"]["ours"]["sizes_mb"]["unet"] < \
+        results["exports"]["fp32"]["sizes_mb"]["unet"] / 2  # int8 weights
+    ratios = results["ratios"]
+    assert ratios["fp32"]["speedup_vs_fp32"] == {s: {"total": 1.0, "unet_loop": 1.0}
+                                                 for s in SCHEDULERS}
+    assert set(ratios["ours"]["speedup_vs_fp32"]) == set(SCHEDULERS)
+    assert set(ratios["ours"]["throughput_vs_fp32"]) == {"2"}
+    assert ratios["ours"]["peak_rss_vs_fp32"] > 0
+    assert "speedup_vs_nncf" not in ratios["ours"]  # no NNCF export in this run
+    assert set(results["goals"]["memory"]["exports"]) == {"ours"}
+
+
+def test_readme_tables_are_generated_from_the_json(quick_run):
+    done, out = quick_run
+    tables = run_script("readme_table.py", out / "results.json")
+    assert tables.returncode == 0, tables.stderr
+    assert tables.stdout in done.stdout  # what the run printed, made again from the JSON
+    for heading in ("**Image latency, pndm:2**", "**Image latency, dpm++:2**",
+                    "**Start-up, memory and size on disk**", "**Throughput**",
+                    "Memory goal", "python benchmarks/image_latency.py --quick"):
+        assert heading in tables.stdout
+    assert tables.stdout.count("| ours |") == 4  # two samplers, memory, throughput
+
+
+def test_ratios_against_fp32_and_nncf(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from image_latency import memory_goal, ratios
+
+    def row(bits, method, total_ms, unet_ms, rss, per_min):
+        return {"bits": bits, "method": method, "peak_rss_mb": rss,
+                "latency": {"pndm:50": {"total_ms": total_ms, "unet_loop_ms": unet_ms}},
+                "throughput": {"4": {"images_per_min": per_min}}}
+
+    rows = {"fp32": row("fp32", "dq", 8000, 6000, 1000, 2), "nncf": row("w8a8", "nncf", 4000,
+                                                                         3000, 500, 4),
+            "ours": row("w8a8", "dq", 2000, 1000, 350, 8)}
+    out = ratios(rows)
+    assert out["ours"]["speedup_vs_fp32"] == {"pndm:50": {"total": 4.0, "unet_loop": 6.0}}
+    assert out["ours"]["speedup_vs_nncf"] == {"pndm:50": {"total": 2.0, "unet_loop": 3.0}}
+    assert out["ours"]["throughput_vs_fp32"] == {"4": 4.0}
+    assert out["ours"]["peak_rss_vs_fp32"] == 0.35
+    assert "speedup_vs_nncf" not in out["nncf"] and "speedup_vs_nncf" not in out["fp32"]
+    assert memory_goal(rows, out) == {"ours": {"peak_rss_vs_fp32": 0.35, "met": True}}
+    del rows["fp32"]
+    assert "speedup_vs_fp32" not in ratios(rows)["ours"]  # no FP32 export, no such ratio
+
+
+@pytest.mark.parametrize("args, message", [
+    (["fp32=/no/such/folder"], "no such folder"),
+    (["fp32={tmp}"], "is not a dq-export folder"),
+    (["exports/fp32"], "LABEL=DIR"),
+    (["a={tmp}", "a={tmp}"], "given twice"),
+    ([], "give exports"),
+    (["--quick", "--schedulers", "pndm50"], "NAME:STEPS"),
+    (["--quick", "--schedulers", "heun:5"], "unknown scheduler"),
+    (["--quick", "--schedulers", "pndm:0"], "STEPS >= 1"),
+    (["--quick", "--batch", "two"], "--batch"),
+    (["--quick", "--repeats", "0"], "--repeats"),
+])
+def test_bad_input_is_one_line_error(tmp_path, args, message):
+    done = run_script("image_latency.py", *[a.format(tmp=tmp_path) for a in args],
+                      "--out", tmp_path / "out")
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("image_latency: error:")
+    assert message in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_readme_table_refuses_other_json(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    for path in (tmp_path / "x.json", tmp_path / "missing.json"):
+        done = run_script("readme_table.py", path)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1
