@@ -3,7 +3,8 @@
 For each scheduler (default PNDM 50 steps, the paper's setting, and DPM-Solver++ 20), every
 export draws the ten digits ("a handwritten digit D") for seeds 0..S-1 with the same
 seeds, and is scored by the judge: class accuracy and digits FID against the held-out real
-digits, and final-image PSNR/SSIM against the FP32 export's image of the same seed. Along
+digits, its digits FID to FP32's own samples, and final-image PSNR/SSIM against the FP32
+export's image of the same seed. Along
 FP32's own trajectories (the first ``--fidelity-seeds`` seeds) every export's noise
 prediction is compared with FP32's at each step: relative MSE and the rate-distortion
 paper's MSE+SSIM distortion (dq_export.fidelity).
@@ -98,13 +99,15 @@ def judged(images: np.ndarray, rows: list[np.ndarray], real_features: np.ndarray
     predicted, _ = judge.classify(list(_pil(images)))
     correct, features = predicted == labels, judge.features(list(_pil(images)))
     return {"accuracy": np.array([correct[r].mean() for r in rows]),
-            "digits_fid": np.array([judge.digits_fid(features[r], real_features) for r in rows])}
+            "digits_fid": np.array([judge.digits_fid(features[r], real_features) for r in rows]),
+            "features": features}
 
 
 def scores(images: np.ndarray, reference: np.ndarray, own: dict, fp32: dict) -> dict:
     """Estimates with intervals, differences from FP32 on the same resamples, and the
     images' PSNR and SSIM against FP32's images of the same seeds."""
     from dq_export.image_metrics import psnr, ssim
+    from dq_export.reference import judge
 
     result = {"accuracy": _estimate(own["accuracy"]),
               # resampling duplicates images, which inflates FID: no interval on FID itself,
@@ -112,6 +115,8 @@ def scores(images: np.ndarray, reference: np.ndarray, own: dict, fp32: dict) -> 
               "digits_fid": {"value": round(float(own["digits_fid"][0]), 2)}}
     for metric in ("accuracy", "digits_fid"):
         result[f"{metric}_delta"] = _estimate(own[metric] - fp32[metric])
+    # the distance to FP32's own samples: fidelity to FP32, where FID to the data is not
+    result["fid_to_fp32"] = round(judge.digits_fid(own["features"], fp32["features"]), 2)
     if images is not reference:
         result["psnr"] = round(float(np.mean([psnr(a, b) for a, b in zip(reference, images)])), 2)
         result["ssim"] = round(float(np.mean([ssim(a, b) for a, b in zip(reference, images)])), 4)
@@ -152,13 +157,14 @@ def fmt(estimate: dict, digits: int = 3) -> str:
 def table(run: dict) -> str:
     """One markdown table of one scheduler's results."""
     lines = ["| export | accuracy [95% CI] | accuracy - FP32 | digits FID | FID - FP32 [95% CI] | "
-             "PSNR dB | SSIM | rel. MSE / step | distortion / step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "FID to FP32 | PSNR dB | SSIM | rel. MSE / step | distortion / step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for label, r in run["exports"].items():
         fid = run["fidelity"].get(label, {})
         lines.append(" | ".join([
             f"| {label}", fmt(r["accuracy"]), fmt(r["accuracy_delta"]),
             f"{r['digits_fid']['value']:.1f}", fmt(r["digits_fid_delta"], 1),
+            f"{r['fid_to_fp32']:.1f}",
             f"{r['psnr']:.2f}" if "psnr" in r else "-", f"{r['ssim']:.3f}" if "ssim" in r else "-",
             f"{fid['relative_mse']['mean']:.4f}" if fid else "-",
             f"{fid['distortion']['mean']:.4f}" if fid else "-"]) + " |")
