@@ -31,35 +31,20 @@ from pathlib import Path
 
 import numpy as np
 
+from common import parse_exports, parse_schedulers
 from dq_export.errors import UserError
 
 DIGITS = 10
 CI = (2.5, 97.5)
 
 
-def parse_schedulers(text: str) -> list[tuple[str, int]]:
-    """'pndm:50,dpm++:20' -> [('pndm', 50), ('dpm++', 20)]."""
-    from deploy.schedulers import scheduler_name
-
-    pairs = []
-    for item in text.split(","):
-        name, _, steps = item.partition(":")
-        if not steps.isdigit() or int(steps) < 1:
-            raise UserError(f"bad scheduler spec {item!r}: write NAME:STEPS, e.g. pndm:50")
-        pairs.append((scheduler_name(name), int(steps)))
-    return pairs
-
-
 def load_exports(items: list[str]) -> dict:
-    """LABEL=DIR -> Pipelines compiled for ten prompts; the FP32 export is the reference."""
+    """LABEL=DIR -> Pipelines compiled for ten prompts; the FP32 export, the reference
+    every export is compared with, first."""
     from deploy import Pipeline
 
-    pipes = {}
-    for item in items:
-        label, sep, path = item.partition("=")
-        if not sep or not label:
-            raise UserError(f"bad export {item!r}: write LABEL=EXPORT_DIR")
-        pipes[label] = Pipeline.load(path, batch_size=DIGITS, verify=False)
+    pipes = {label: Pipeline.load(path, batch_size=DIGITS, verify=False)
+             for label, path in parse_exports(items).items()}
     fp32 = [k for k, p in pipes.items() if p.manifest["recipe"]["bits"] == "fp32"]
     if len(fp32) != 1:
         raise UserError(f"{len(fp32)} FP32 exports among {list(pipes)}: give exactly one "
@@ -261,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                            for label, pipe in pipes.items()},
                "command": " ".join(["python benchmarks/quality.py", *(argv or sys.argv[1:])]),
                "runs": []}
-    for scheduler, steps in schedulers:
-        result, images = run(pipes, scheduler, steps, args)
+    for spec in schedulers:
+        scheduler, steps = spec.split(":")
+        result, images = run(pipes, scheduler, int(steps), args)
         results["runs"].append(result)
         sample_grid(images, args.grid_seeds,
                     args.out / f"samples-{scheduler.replace('+', 'p')}-{steps}.png")
