@@ -22,22 +22,54 @@ COLORS = ("#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#93
 
 
 def parse_exports(items: list[str]) -> dict[str, Path]:
-    """``LABEL=EXPORT_DIR`` arguments -> {label: folder}, each checked to be an export."""
+    """``LABEL=EXPORT_DIR`` arguments -> {label: folder}, each checked to be an export, all
+    of one model at one image size (ratios between others mean nothing)."""
     from dq_export.manifest import read_manifest
 
     exports: dict[str, Path] = {}
     for item in items:
         label, sep, path = item.partition("=")
-        if not sep or not label or not path:
-            raise UserError(f"{item!r}: give exports as LABEL=DIR, e.g. fp32=exports/sd14-fp32")
+        if not sep or not label or not path or "/" in label or label.startswith("."):
+            raise UserError(f"{item!r}: give exports as LABEL=EXPORT_DIR, e.g. "
+                            "fp32=exports/sd14-fp32 (a label is a plain folder name)")
         if label in exports:
             raise UserError(f"label {label!r} is given twice: give each export its own label")
         exports[label] = Path(path)
+    manifests = {}
     for label, path in exports.items():
         if not path.is_dir():
             raise UserError(f"{path}: no such folder (label {label})")
-        read_manifest(path, verify=False)  # a one-line UserError if it is no export
+        manifests[label] = read_manifest(path, verify=False)  # one-line error if no export
+    first, manifest = next(iter(manifests.items()))
+    for label, other in manifests.items():
+        for key in ("model", "image"):
+            if other[key] != manifest[key]:
+                raise UserError(f"{label} and {first} differ in {key} ({_describe(other)} vs "
+                                f"{_describe(manifest)}): compare exports of one model at one size")
     return exports
+
+
+def _describe(manifest: dict) -> str:
+    model, image = manifest["model"], manifest["image"]
+    return (f"{model.get('name')} {model.get('init')} weights at "
+            f"{image['height']}x{image['width']}")
+
+
+def parse_schedulers(text: str) -> list[str]:
+    """``pndm:50,dpm++:20`` -> ``["pndm:50", "dpm++:20"]`` with canonical sampler names."""
+    from deploy.schedulers import scheduler_name
+
+    specs = []
+    for item in text.split(","):
+        name, sep, steps = item.strip().partition(":")
+        if not sep or not steps.isdigit() or int(steps) < 1:
+            raise UserError(f"scheduler spec {item.strip()!r}: use NAME:STEPS with STEPS >= 1, "
+                            "e.g. pndm:50,dpm++:20")
+        spec = f"{scheduler_name(name)}:{int(steps)}"
+        if spec in specs:
+            raise UserError(f"scheduler {spec} is given twice")
+        specs.append(spec)
+    return specs
 
 
 def run_child(script: str, task: dict, what: str) -> dict:

@@ -30,7 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import bars, child_main, figure, machine, parse_exports, run_child
+from common import (bars, child_main, figure, machine, parse_exports, parse_schedulers,
+                    run_child)
 from readme_table import markdown
 
 from dq_export.errors import UserError
@@ -42,23 +43,6 @@ PROMPT = "a photograph of a lighthouse at dusk"
 TIMED = ("text_encoder", "unet_loop", "vae_decoder", "total")  # deploy.Pipeline's timings
 COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 MEMORY_GOAL = 0.4  # the issue's goal: ours W8A8 peak RSS <= 0.4x FP32's
-
-
-def parse_schedulers(text: str) -> list[str]:
-    """``pndm:50,dpm++:20`` -> ``["pndm:50", "dpm++:20"]`` with canonical sampler names."""
-    from deploy.schedulers import scheduler_name
-
-    specs = []
-    for item in text.split(","):
-        name, sep, steps = item.strip().partition(":")
-        if not sep or not steps.isdigit() or int(steps) < 1:
-            raise UserError(f"scheduler spec {item.strip()!r}: use NAME:STEPS with STEPS >= 1, "
-                            "e.g. pndm:50,dpm++:20")
-        spec = f"{scheduler_name(name)}:{int(steps)}"
-        if spec in specs:
-            raise UserError(f"scheduler {spec} is given twice")
-        specs.append(spec)
-    return specs
 
 
 def parse_batches(text: str) -> list[int]:

@@ -2,8 +2,8 @@
 
 The FP32 export samples each prompt; at every step, each other export's UNet gets the very
 same input (x_t, t, embeddings) and its prediction is compared with FP32's:
-||eps_q - eps_fp|| / ||eps_fp||. This is the real OpenVINO int8 graph (not a simulation),
-without error feedback from earlier steps, so exports are ranked on equal inputs.
+||eps_q - eps_fp|| / ||eps_fp|| (dq_export.fidelity). benchmarks/quality.py adds the
+relative MSE, the MSE+SSIM distortion and the image metrics.
 
     python benchmarks/noise_fidelity.py fp32=exports/tiny-fp32 nncf=exports/tiny-nncf \\
         ours-g4=exports/tiny-g4 --prompts 8 --steps 20 --out benchmarks/results/fidelity
@@ -21,41 +21,6 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "calibration" / "prompts.txt"
-
-
-def per_step_errors(reference, others: dict, prompts: list[str], steps: int, scheduler: str,
-                    seed: int) -> dict[str, np.ndarray]:
-    """[prompts, steps] relative errors of every pipeline in ``others`` against ``reference``."""
-    import torch
-
-    from deploy.sampler import denoise, initial_latents, step_kwargs
-    from deploy.schedulers import make_scheduler
-
-    errors = {label: [] for label in others}
-    for i, prompt in enumerate(prompts):
-        rows = {label: [] for label in others}
-
-        def unet(sample, timestep, embeddings):
-            eps = reference.predict_noise(sample, timestep, embeddings)
-            for label, pipe in others.items():
-                eps_q = pipe.predict_noise(sample, timestep, embeddings)
-                rows[label].append(float(np.linalg.norm(eps_q - eps) / np.linalg.norm(eps)))
-            return eps
-
-        embeddings = np.concatenate([reference.encode_prompts([""]),
-                                     reference.encode_prompts([prompt])])
-        sampler = make_scheduler(scheduler, reference.manifest["scheduler"])
-        sampler.set_timesteps(steps)
-        generator = torch.Generator().manual_seed(seed + i)
-        image = reference.manifest["image"]
-        shape = (1, image["latent_channels"], image["height"] // image["vae_scale_factor"],
-                 image["width"] // image["vae_scale_factor"])
-        latents = initial_latents(shape, sampler, generator)
-        denoise(unet, embeddings, sampler, latents, 7.5, step_kwargs(sampler, 0.0, generator))
-        for label in others:
-            errors[label].append(rows[label])
-        print(f"prompt {i + 1}/{len(prompts)} done", file=sys.stderr, flush=True)
-    return {label: np.asarray(e) for label, e in errors.items()}
 
 
 def chart(errors: dict[str, np.ndarray], path: Path, title: str) -> None:
@@ -91,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give at least two exports as LABEL=DIR, the FP32 reference first")
     from calibration.collect import read_prompts
     from deploy import Pipeline
+    from dq_export.fidelity import trajectory_errors
 
     pipes = {}
     for item in args.exports:
@@ -99,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     (ref_label, reference), others = next(iter(pipes.items())), dict(list(pipes.items())[1:])
     # prompts from the end of the file: calibration reads from its start
     prompts = read_prompts(args.prompt_file)[::-1][:args.prompts]
-    errors = per_step_errors(reference, others, prompts, args.steps, args.scheduler, args.seed)
+    errors = {label: e["relative_error"] for label, e in trajectory_errors(
+        reference, others, prompts, args.steps, args.scheduler, args.seed).items()}
     results = {"reference": ref_label, "prompts": prompts, "steps": args.steps,
                "scheduler": args.scheduler, "seed": args.seed,
                "exports": {label: pipes[label].root.as_posix() for label in pipes},

@@ -56,7 +56,8 @@ def memory_table(results: dict) -> str:
     lines = []
     for label, row in results["exports"].items():
         sizes = row["sizes_mb"]
-        lines.append((label, row["bits"], row["method"], row["load_and_compile_s"],
+        method = "-" if row["bits"] == "fp32" else row["method"]
+        lines.append((label, row["bits"], method, row["load_and_compile_s"],
                       seconds(row["first_image"]["total_ms"]), row["peak_rss_mb"],
                       times(results["ratios"][label].get("peak_rss_vs_fp32")),
                       sizes["text_encoder"], sizes["unet"], sizes["vae_decoder"],

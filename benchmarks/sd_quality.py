@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common import parse_exports
 from dq_export.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")  # what torch-fidelity reads from a folder
@@ -69,27 +70,8 @@ def read_exports(items: list[str]) -> dict[str, tuple[Path, dict]]:
     """LABEL=DIR -> (DIR, manifest), all of one model at one image size."""
     from dq_export.manifest import read_manifest
 
-    exports = {}
-    for item in items:
-        label, sep, path = item.partition("=")
-        if not sep or not label or not path or "/" in label or label.startswith("."):
-            raise UserError(f"{item!r} is not LABEL=EXPORT_DIR (a label is a plain folder name)")
-        if label in exports:
-            raise UserError(f"label {label!r} is given twice: give each export its own")
-        exports[label] = (Path(path), read_manifest(Path(path), verify=False))
-    first, (_, manifest) = next(iter(exports.items()))
-    for label, (_, other) in exports.items():
-        for key in ("model", "image"):
-            if other[key] != manifest[key]:
-                raise UserError(f"{label} and {first} differ in {key} ({_describe(other)} vs "
-                                f"{_describe(manifest)}): compare exports of one model at one size")
-    return exports
-
-
-def _describe(manifest: dict) -> str:
-    model, image = manifest["model"], manifest["image"]
-    return (f"{model.get('name')} {model.get('init')} weights at "
-            f"{image['height']}x{image['width']}")
+    return {label: (path, read_manifest(path, verify=False))
+            for label, path in parse_exports(items).items()}
 
 
 def image_files(folder: Path) -> list[Path]:

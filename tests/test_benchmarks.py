@@ -95,7 +95,7 @@ def test_ratios_against_fp32_and_nncf(monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (["fp32=/no/such/folder"], "no such folder"),
     (["fp32={tmp}"], "is not a dq-export folder"),
-    (["exports/fp32"], "LABEL=DIR"),
+    (["exports/fp32"], "LABEL=EXPORT_DIR"),
     (["a={tmp}", "a={tmp}"], "given twice"),
     ([], "give exports"),
     (["--quick", "--schedulers", "pndm50"], "NAME:STEPS"),
