@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import parse_exports, parse_schedulers
+from common import markdown_table, parse_exports, parse_schedulers
 from dq_export.errors import UserError
 
 DIGITS = 10
@@ -81,8 +81,9 @@ def judged(images: np.ndarray, rows: list[np.ndarray], real_features: np.ndarray
     from dq_export.reference import judge
 
     labels = np.tile(np.arange(DIGITS), len(images) // DIGITS)
-    predicted, _ = judge.classify(list(_pil(images)))
-    correct, features = predicted == labels, judge.features(list(_pil(images)))
+    pil = list(_pil(images))
+    predicted, _ = judge.classify(pil)
+    correct, features = predicted == labels, judge.features(pil)
     return {"accuracy": np.array([correct[r].mean() for r in rows]),
             "digits_fid": np.array([judge.digits_fid(features[r], real_features) for r in rows]),
             "features": features}
@@ -123,14 +124,17 @@ def _pil(array: np.ndarray):
 
 def fidelity(pipes: dict, scheduler: str, steps: int, seeds: int) -> dict:
     """Per-step relative MSE and distortion of every export along FP32's trajectories."""
-    from dq_export.fidelity import trajectory_errors
+    from dq_export.fidelity import METRICS, trajectory_errors
+    from dq_export.reference.digits import CANONICAL
 
     (_, reference), others = next(iter(pipes.items())), dict(list(pipes.items())[1:])
-    prompts = [f"a handwritten digit {d}" for d in range(DIGITS)] * seeds
-    errors = trajectory_errors(reference, others, prompts, steps, scheduler, seed=0)
+    prompts = [CANONICAL.format(d=d) for d in range(DIGITS)] * seeds
+    metrics = {name: METRICS[name] for name in ("relative_mse", "distortion")}
+    errors = trajectory_errors(reference, others, prompts, steps, scheduler, seed=0,
+                               metrics=metrics)
     return {label: {metric: {"mean": round(float(e.mean()), 5),
                              "per_step": np.round(e.mean(axis=0), 5).tolist()}
-                    for metric, e in per.items() if metric != "relative_error"}
+                    for metric, e in per.items()}
             for label, per in errors.items()}
 
 
@@ -141,19 +145,20 @@ def fmt(estimate: dict, digits: int = 3) -> str:
 
 def table(run: dict) -> str:
     """One markdown table of one scheduler's results."""
-    lines = ["| export | accuracy [95% CI] | accuracy - FP32 | digits FID | FID - FP32 [95% CI] | "
-             "FID to FP32 | PSNR dB | SSIM | rel. MSE / step | distortion / step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    head = ("export", "accuracy [95% CI]", "accuracy - FP32", "digits FID",
+            "FID - FP32 [95% CI]", "FID to FP32", "PSNR dB", "SSIM", "rel. MSE / step",
+            "distortion / step")
+    rows = []
     for label, r in run["exports"].items():
         fid = run["fidelity"].get(label, {})
-        lines.append(" | ".join([
-            f"| {label}", fmt(r["accuracy"]), fmt(r["accuracy_delta"]),
+        rows.append((
+            label, fmt(r["accuracy"]), fmt(r["accuracy_delta"]),
             f"{r['digits_fid']['value']:.1f}", fmt(r["digits_fid_delta"], 1),
             f"{r['fid_to_fp32']:.1f}",
             f"{r['psnr']:.2f}" if "psnr" in r else "-", f"{r['ssim']:.3f}" if "ssim" in r else "-",
             f"{fid['relative_mse']['mean']:.4f}" if fid else "-",
-            f"{fid['distortion']['mean']:.4f}" if fid else "-"]) + " |")
-    return "\n".join(lines)
+            f"{fid['distortion']['mean']:.4f}" if fid else "-"))
+    return markdown_table(head, rows)
 
 
 def chart(results: dict, path: Path) -> None:

@@ -39,9 +39,7 @@ def measure(export_dir: str, calls: int) -> dict:
     load_s = time.perf_counter() - start
     result = pipe.generate("a photograph of a lighthouse at dusk", steps=2, seed=0)
     embeddings = np.concatenate([pipe.encode_prompts([""]), pipe.encode_prompts(["a cat"])])
-    image = pipe.manifest["image"]
-    shape = (2, image["latent_channels"], image["height"] // image["vae_scale_factor"],
-             image["width"] // image["vae_scale_factor"])
+    shape = (2, *pipe.latent_shape[1:])  # one prompt with guidance: the UNet's batch 2
     latent = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     table = pipe.steps
     group_steps = _steps_by_group(table) if table is not None else [[None]]

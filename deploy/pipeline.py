@@ -112,9 +112,9 @@ class Pipeline:
             model = core.read_model(self.root / self.manifest["components"][name]["openvino"])
             model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
             self._compiled[name] = core.compile_model(model, self.device, self.ov_config)
-        self._requests = {name: c.create_infer_request() for name, c in self._compiled.items()}
+        self._requests = self._new_requests()
         self.batch_size = batch_size
-        self._latent_shape = (batch_size, *latent)
+        self.latent_shape = (batch_size, *latent)  # x_T of one batch of prompts
 
     @property
     def optimal_requests(self) -> int:
@@ -133,8 +133,11 @@ class Pipeline:
         twin = copy.copy(self)
         twin.tokenizer = copy.deepcopy(self.tokenizer)
         twin._lock = threading.Lock()
-        twin._requests = {name: c.create_infer_request() for name, c in self._compiled.items()}
+        twin._requests = twin._new_requests()
         return twin
+
+    def _new_requests(self) -> dict:
+        return {name: c.create_infer_request() for name, c in self._compiled.items()}
 
     def _run(self, name: str, inputs: dict) -> np.ndarray:
         return self._requests[name].infer(inputs)[0]
@@ -190,7 +193,7 @@ class Pipeline:
         generator = torch.Generator().manual_seed(seed)
 
         # 3. Initial noise x_T.
-        latents = initial_latents(self._latent_shape, sampler, generator)
+        latents = initial_latents(self.latent_shape, sampler, generator)
 
         # 4. Denoising loop, one guided UNet call per timestep.
         latents, step_seconds = denoise(self.predict_noise, embeddings, sampler, latents, guidance,

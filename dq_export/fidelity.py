@@ -92,10 +92,7 @@ def trajectory_errors(reference, others: dict, prompts: list[str], steps: int,
         sampler = make_scheduler(scheduler, reference.manifest["scheduler"])
         sampler.set_timesteps(steps)
         generator = torch.Generator().manual_seed(seed + k)
-        image = reference.manifest["image"]
-        shape = (batch, image["latent_channels"], image["height"] // image["vae_scale_factor"],
-                 image["width"] // image["vae_scale_factor"])
-        latents = initial_latents(shape, sampler, generator)
+        latents = initial_latents(reference.latent_shape, sampler, generator)
         denoise(unet, embeddings, sampler, latents, guidance, step_kwargs(sampler, 0.0, generator))
         for label in others:
             for name in metrics:  # [steps, batch] -> batch rows of steps
