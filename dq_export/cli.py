@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: profile every layer on this CPU with OpenVINO and keep the "
                         "input in float where int8 is not faster; none: int8 everywhere "
                         "(default none)")
+    q.add_argument("--text-encoder-weights", default=None,
+                   help="int8: weight-only int8 text encoder (OpenVINO IR); fp32: as the model "
+                        "(default: int8 for integer --bits, fp32 otherwise)")
     c = p.add_argument_group("calibration (the deployment the scales are fitted for)")
     c.add_argument("--prompts", type=Path, default=None,
                    help="prompt file, one a line (default: calibration/prompts.txt)")
@@ -71,6 +74,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                   seed=args.seed, groups=args.groups, group_split=args.group_split,
                   estimator=args.estimator, time_tables=args.time_tables,
                   split_shortcut=args.split_shortcut, target_cpu=args.target_cpu,
+                  text_encoder_weights=args.text_encoder_weights,
                   calib_scheduler=args.calib_scheduler,
                   calib_steps=args.calib_steps, calib_prompts=args.calib_prompts,
                   calib_every=args.calib_every, calib_batch=args.calib_batch).check()

@@ -91,7 +91,8 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     if prompts is not None:
         read_prompts(prompts)  # fail now, not after loading the model
     check_model_arg(model)
-    recipe = replace(recipe, calib_prompts=recipe.calib_prompts or default_calib_prompts(model))
+    recipe = replace(recipe, calib_prompts=recipe.calib_prompts or default_calib_prompts(model),
+                     text_encoder_weights="int8" if recipe.text_encoder_int8 else "fp32")
     out = Path(out)
     prepare_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -114,7 +115,7 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
     from dq_export.manifest import write_manifest
     from dq_export.nncf_baseline import quantize_unet_ir
     from dq_export.onnx_export import export_components
-    from dq_export.openvino_convert import convert_to_ir
+    from dq_export.openvino_convert import INT8_WEIGHTS, convert_to_ir
     from dq_export.quantize_unet import (calibration_settings, quantization_manifest,
                                          write_group_graphs, write_params, write_shared_graph)
 
@@ -161,8 +162,9 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
     ir_paths = {}
     for name, path in graphs.items():
         with stage(f"OpenVINO IR: {name}"):
-            ir_paths[name] = convert_to_ir(path, root / "openvino" / f"{name}.xml",
-                                           compress_to_fp16=recipe.bits == "fp16")
+            ir_paths[name] = convert_to_ir(
+                path, root / "openvino" / f"{name}.xml", compress_to_fp16=recipe.bits == "fp16",
+                int8_weights=name == "text_encoder" and recipe.text_encoder_int8)
     if graphs["unet"] not in unet_onnx:  # the shared-scale ONNX: only its IR is kept
         _remove_graph(graphs["unet"])
     nncf_settings = None
@@ -192,6 +194,8 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
             "export_stats": {"stage_seconds": stage.seconds, "peak_rss_mb": peak_rss_mb(),
                              "machine": platform.machine(), "cpu_count": os.cpu_count()},
         }
+        if recipe.text_encoder_int8:  # the IR's weights; the ONNX graph stays float
+            body["components"]["text_encoder"]["openvino_weights"] = INT8_WEIGHTS
         if recipe.quantized:
             body["quantization"] = quantization_manifest(recipe, params, summary, nncf_settings)
             if params is not None:

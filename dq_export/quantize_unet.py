@@ -81,7 +81,7 @@ def quantization_manifest(recipe, params: QuantParams | None, summary: dict | No
                 "weights_and_activations": "chosen by nncf.quantize on the OpenVINO IR; "
                                            "one set of scales for all steps",
                 "onnx": "the FP32 source graph (NNCF quantizes the OpenVINO model)",
-                "text_encoder_and_vae": "fp32", "calibration": summary}
+                "calibration": summary}
     entry = {
         "method": "dq", "bits": recipe.bits,
         "weights": ("int4 for every Linear, int8 for every Conv of the UNet"
@@ -90,7 +90,6 @@ def quantization_manifest(recipe, params: QuantParams | None, summary: dict | No
         "activations": ("int8 per tensor (uint8 where never negative) at every Conv and Linear "
                         "input; attention scores, softmax and norms in float"
                         if params is not None else "float (weight-only)"),
-        "text_encoder_and_vae": "fp32",
     }
     if params is None:
         return entry

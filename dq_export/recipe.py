@@ -18,6 +18,7 @@ RECIPE_VERSION = 1
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 METHODS = ("dq", "nncf")
 TARGET_CPUS = ("none", "auto")
+TEXT_ENCODER_WEIGHTS = ("fp32", "int8")
 # The smallest calibration that still fits 4 groups: the tests' and benchmarks' tiny-sd W8A8
 TINY_CALIBRATION = dict(calib_steps=10, calib_prompts=4, calib_batch=2, groups=4)
 
@@ -36,6 +37,7 @@ class Recipe:
     time_tables: bool = True  # per-step scales on the time-embedding path (TFMQ-DM)
     split_shortcut: bool = True  # separate scales for the two halves of skip concats
     target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
+    text_encoder_weights: str | None = None  # None: int8 for integer recipes, else fp32
     # calibration: the deployment the scales are fitted for
     calib_scheduler: str = "pndm"
     calib_steps: int = 50
@@ -51,6 +53,13 @@ class Recipe:
     @property
     def activations_quantized(self) -> bool:
         return self.bits.endswith("a8")
+
+    @property
+    def text_encoder_int8(self) -> bool:
+        """Weight-only int8 for the text encoder's IR: the default of every integer recipe,
+        as in optimum-intel's 8-bit exports. It is a quarter of the FP32 weights in memory,
+        and the CPU plugin keeps the weights int8 (its FullyConnected decompresses them)."""
+        return (self.text_encoder_weights or ("int8" if self.quantized else "fp32")) == "int8"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +81,8 @@ class Recipe:
         choices = {"bits": BITS, "method": METHODS, "estimator": ESTIMATORS,
                    "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS,
                    "target_cpu": TARGET_CPUS}
+        if self.text_encoder_weights is not None:
+            choices["text_encoder_weights"] = TEXT_ENCODER_WEIGHTS
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise UserError(f"{name} {getattr(self, name)!r} is not valid: use one of "
