@@ -102,8 +102,7 @@ def collect(components, settings: CalibrationSettings, prompts: list[str], image
     import torch
     from tqdm.auto import tqdm
 
-    from deploy.sampler import denoise, initial_latents, step_kwargs
-    from deploy.schedulers import make_scheduler
+    from deploy.sampler import run_sampler
 
     chosen = choose_prompts(prompts, settings)
     identity = cache_identity(components, settings, chosen, image_size)
@@ -128,13 +127,9 @@ def collect(components, settings: CalibrationSettings, prompts: list[str], image
             recorder.reset()
             embeddings = np.concatenate([_encode(components, [""] * len(batches[b])),
                                          _encode(components, batches[b])])
-            sampler = make_scheduler(settings.scheduler, components.scheduler_config)
-            sampler.set_timesteps(settings.steps)
-            generator = torch.Generator().manual_seed(settings.seed + b)
-            latents = initial_latents((len(batches[b]), unet.config.in_channels, latent, latent),
-                                      sampler, generator)
-            denoise(recorder, embeddings, sampler, latents, settings.guidance,
-                    step_kwargs(sampler, 0.0, generator), progress=progress)
+            run_sampler(recorder, embeddings, settings.scheduler, components.scheduler_config,
+                        settings.steps, (len(batches[b]), unet.config.in_channels, latent, latent),
+                        settings.seed + b, settings.guidance, progress=progress)
             _save_inputs(cache_dir / "inputs" / f"batch-{b:04d}.safetensors", recorder,
                          embeddings)
             seconds += time.perf_counter() - start

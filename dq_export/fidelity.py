@@ -62,11 +62,9 @@ def trajectory_errors(reference, others: dict, prompts: list[str], steps: int,
     Prompts are sampled B at a time, batch k from ``seed + k`` (with B = 1, prompt i from
     seed + i); a prompt's UNet output is its unconditional and conditional rows together.
     """
-    import torch
     from tqdm.auto import tqdm
 
-    from deploy.sampler import denoise, initial_latents, step_kwargs
-    from deploy.schedulers import make_scheduler
+    from deploy.sampler import run_sampler
 
     batch = reference.batch_size
     if any(pipe.batch_size != batch for pipe in others.values()) or len(prompts) % batch:
@@ -89,11 +87,8 @@ def trajectory_errors(reference, others: dict, prompts: list[str], steps: int,
 
         embeddings = np.concatenate([reference.encode_prompts([""] * batch),
                                      reference.encode_prompts(chunk)])
-        sampler = make_scheduler(scheduler, reference.manifest["scheduler"])
-        sampler.set_timesteps(steps)
-        generator = torch.Generator().manual_seed(seed + k)
-        latents = initial_latents(reference.latent_shape, sampler, generator)
-        denoise(unet, embeddings, sampler, latents, guidance, step_kwargs(sampler, 0.0, generator))
+        run_sampler(unet, embeddings, scheduler, reference.manifest["scheduler"], steps,
+                    reference.latent_shape, seed + k, guidance)
         for label in others:
             for name in metrics:  # [steps, batch] -> batch rows of steps
                 rows[label][name] += np.asarray(calls[label][name]).T.tolist()

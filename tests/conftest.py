@@ -25,6 +25,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def diffusers_scheduler(name: str, config: dict):
+    """diffusers' twin of ``deploy.schedulers.make_scheduler(name, config)``."""
+    import diffusers
+
+    from deploy.schedulers import SCHEDULERS
+
+    cls_name = {"pndm": "PNDMScheduler", "ddim": "DDIMScheduler",
+                "dpm++": "DPMSolverMultistepScheduler", "euler": "EulerDiscreteScheduler"}[name]
+    return getattr(diffusers, cls_name).from_config({**config, **SCHEDULERS[name][1]})
+
+
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
     """tiny-sd with seeded random weights (seed 0), exported once to FP32."""

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from deploy import Pipeline
-from deploy.schedulers import SCHEDULERS, make_scheduler
+from conftest import diffusers_scheduler
+from deploy.schedulers import SCHEDULERS
 from dq_export.errors import UserError
 from dq_export.loading import load_components
 
@@ -21,8 +22,8 @@ def torch_reference(scheduler: str, steps: int, seed: int, prompt=PROMPT, eta=0.
 
     c = load_components("tiny-sd", "random", seed=0)
     pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-                                   unet=c.unet, scheduler=make_scheduler(scheduler,
-                                                                         c.scheduler_config),
+                                   unet=c.unet, scheduler=diffusers_scheduler(scheduler,
+                                                                              c.scheduler_config),
                                    safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
