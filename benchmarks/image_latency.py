@@ -72,7 +72,7 @@ def _medians(images: list) -> dict:
 
 
 def _import_runtime(export: str, schedulers: list[str]) -> None:
-    """Python's imports (OpenVINO, transformers, torch, diffusers' schedulers) before any
+    """Python's imports (OpenVINO, transformers, the numpy samplers) before any
     clock starts: they are the interpreter's start-up, not the export's load or first image."""
     import openvino  # noqa: F401
     from transformers import CLIPTokenizer  # noqa: F401
