@@ -41,6 +41,8 @@ REGISTRY: dict[str, ModelSpec] = {
                            "runwayml/stable-diffusion-v1-5"), 512, "Stable Diffusion v1.5"),
         ModelSpec("sd21-base", ("stabilityai/stable-diffusion-2-1-base",), 512,
                   "Stable Diffusion v2.1-base"),
+        ModelSpec("sd21", ("stabilityai/stable-diffusion-2-1",), 768,
+                  "Stable Diffusion v2.1 (v-prediction, 768x768)"),
     )
 }
 

@@ -1,5 +1,6 @@
 """The OpenVINO pipeline against diffusers' torch pipeline on tiny-sd, and its input checks."""
 
+import json
 import logging
 import shutil
 
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from deploy import Pipeline
 from conftest import diffusers_scheduler
+from deploy import Pipeline
 from deploy.schedulers import SCHEDULERS
 from dq_export.errors import UserError
 from dq_export.loading import load_components
@@ -16,11 +17,13 @@ from dq_export.loading import load_components
 PROMPT = "a handwritten digit 7"
 
 
-def torch_reference(scheduler: str, steps: int, seed: int, prompt=PROMPT, eta=0.0) -> np.ndarray:
-    """diffusers' StableDiffusionPipeline on the same seeded weights the export was made from."""
+def torch_reference(scheduler: str, steps: int, seed: int, prompt=PROMPT, eta=0.0,
+                    components=None) -> np.ndarray:
+    """diffusers' StableDiffusionPipeline on the weights the export was made from (by default
+    tiny-sd's seeded random ones)."""
     from diffusers import StableDiffusionPipeline
 
-    c = load_components("tiny-sd", "random", seed=0)
+    c = components or load_components("tiny-sd", "random", seed=0)
     pipe = StableDiffusionPipeline(vae=c.vae, text_encoder=c.text_encoder, tokenizer=c.tokenizer,
                                    unet=c.unet, scheduler=diffusers_scheduler(scheduler,
                                                                               c.scheduler_config),
@@ -42,6 +45,32 @@ def test_openvino_matches_diffusers_torch(tiny_pipeline, scheduler):
     pixels = np.asarray(ours.images[0]).astype(np.int16)
     assert reference[0].std() > 10  # the images are not flat: the comparison means something
     assert np.abs(pixels - reference[0]).max() <= 1
+
+
+def test_v_prediction_model_matches_diffusers_torch(tmp_path):
+    """A v-prediction model (as sd21): tiny-sd's folder with its scheduler config switched to
+    v_prediction, exported from the folder. Each sampler turns the UNet's v into its update
+    as diffusers does, or the images would part."""
+    from dq_export.export import export
+    from dq_export.recipe import Recipe
+    from dq_export.registry import MODELS_DIR
+
+    folder = tmp_path / "tiny-v"
+    shutil.copytree(MODELS_DIR / "tiny-sd", folder)
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
+    export(str(folder), tmp_path / "export", Recipe(bits="fp32"))
+    pipe = Pipeline.load(tmp_path / "export")
+    components = load_components(str(folder), "pretrained")
+    assert components.scheduler_config["prediction_type"] == "v_prediction"
+    as_eps = load_components("tiny-sd", "pretrained")  # the same weights, read as epsilon
+    for scheduler in SCHEDULERS:
+        ours = np.asarray(pipe.generate(PROMPT, steps=8, scheduler=scheduler, seed=2).images[0])
+        reference = torch_reference(scheduler, 8, seed=2, components=components)[0]
+        v_as_eps = torch_reference(scheduler, 8, seed=2, components=as_eps)[0]
+        assert reference.std() > 10 and np.abs(reference - v_as_eps).mean() > 10
+        assert np.abs(ours.astype(np.int16) - reference).max() <= 1, scheduler
 
 
 def test_same_seed_same_image_other_seed_other_image(tiny_pipeline):

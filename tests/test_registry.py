@@ -27,7 +27,7 @@ def test_sd14_config_is_the_published_architecture():
 
 
 def test_unknown_model_lists_known_names():
-    with pytest.raises(UserError, match="tiny-sd, sd14, sd15, sd21-base"):
+    with pytest.raises(UserError, match="tiny-sd, sd14, sd15, sd21-base, sd21"):
         load_components("sd99")
 
 
