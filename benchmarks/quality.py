@@ -154,7 +154,7 @@ def table(run: dict) -> str:
         rows.append((
             label, fmt(r["accuracy"]), fmt(r["accuracy_delta"]),
             f"{r['digits_fid']['value']:.1f}", fmt(r["digits_fid_delta"], 1),
-            f"{r['fid_to_fp32']:.1f}",
+            f"{round(r['fid_to_fp32'], 1) + 0.0:.1f}",  # FP32 to itself: -1e-12, not "-0.0"
             f"{r['psnr']:.2f}" if "psnr" in r else "-", f"{r['ssim']:.3f}" if "ssim" in r else "-",
             f"{fid['relative_mse']['mean']:.4f}" if fid else "-",
             f"{fid['distortion']['mean']:.4f}" if fid else "-"))

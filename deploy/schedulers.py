@@ -218,7 +218,7 @@ class Euler(_SigmaSampler):
     def set_timesteps(self, steps: int) -> None:
         self.timesteps = self._spaced(steps)[::-1].astype(np.float32).copy()
         self.sigmas = self._sigmas_at(self.timesteps)
-        self.steps, self.index = steps, 0
+        self.index = 0
         peak = self.sigmas.max()
         self.init_noise_sigma = (peak if self.config["timestep_spacing"] in ("linspace", "trailing")
                                  else (peak**2 + 1) ** 0.5)
