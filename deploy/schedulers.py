@@ -253,11 +253,9 @@ class DPMSolverPP(_SigmaSampler):
                                 f"implemented: dq-export runs {key}={value!r}")
 
     def set_timesteps(self, steps: int) -> None:
-        spaced_ = self._spaced(steps, points=steps + 1)
-        if self.config["timestep_spacing"] == "trailing":
-            spaced_ = np.round(np.arange(self.n_train, 0, -self.n_train / steps)) - 1
-        else:
-            spaced_ = spaced_.round()[::-1][:-1]
+        spaced_ = self._spaced(steps, points=steps + 1)[::-1]  # n + 1 points, the last dropped
+        if self.config["timestep_spacing"] != "trailing":  # trailing counts n steps already
+            spaced_ = spaced_.round()[:-1]
         self.timesteps = spaced_.astype(np.int64).copy()
         self.sigmas = self._sigmas_at(self.timesteps)
         self.steps, self.index, self.outputs = len(self.timesteps), 0, []
