@@ -118,3 +118,16 @@ def test_readme_table_refuses_other_json(tmp_path):
     for path in (tmp_path / "x.json", tmp_path / "missing.json"):
         done = run_script("readme_table.py", path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1
+
+
+def test_model_zoo_compares_each_export_with_its_torch_model(tiny_export, tiny_w8a8, tmp_path):
+    """benchmarks/model_zoo.py: sizes, step time and the deployed UNet against torch, for an
+    FP32 export (equal) and a W8A8 one (close, at three calibrated steps)."""
+    done = run_script("model_zoo.py", tiny_export, tiny_w8a8, "--calls", 2, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fp32, w8a8 = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert fp32["params"]["unet"] == w8a8["params"]["unet"] > 1e6
+    assert w8a8["unet_ir_mb"] < 0.6 * fp32["unet_ir_mb"]  # int8 weights
+    assert min(fp32["cosine_vs_torch"]) > 0.99999
+    assert len(w8a8["cosine_vs_torch"]) == 3 and 0.99 < min(w8a8["cosine_vs_torch"]) < 0.99999
+    assert fp32["step_ms_median"] > 0 and "| tiny-sd | random | w8a8 |" in done.stdout

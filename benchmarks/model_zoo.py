@@ -1,0 +1,127 @@
+"""Each model's export beside its torch model: parameters, FP32 vs export size, the deployed
+UNet's time per step at the export's size, and one UNet step against torch.
+
+The table every registry architecture gets: does its export run, how big, how fast, and does
+the deployed UNet compute what torch computes? The torch model is rebuilt from the manifest
+(registry name or folder, ``--init`` and seed), so ``--init random`` exports compare exactly.
+Inputs are real trajectory inputs from the export's calibration cache at its first, middle and
+last calibrated step (FP32 exports: a seeded random input at t = 999).
+
+    python benchmarks/model_zoo.py E/sd14-w8a8 E/sd21-base-w8a8 --out benchmarks/results/model-zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import machine, markdown_table
+from dq_export.errors import UserError
+
+MB = 2**20
+
+
+def measure(export: Path, calls: int) -> dict:
+    import torch
+
+    from calibration.collect import load_inputs
+    from deploy import Pipeline
+    from dq_export.loading import load_components
+    from dq_export.manifest import read_manifest
+    from dq_export.onnx_export import unet_example
+
+    manifest = read_manifest(export, verify=False)
+    source = manifest["model"]
+    model = source["path"] if source["kind"] == "folder" else source["name"]
+    components = load_components(model, source["init"], source.get("seed") or 0)
+    unet = components.unet
+    params = {name: sum(p.numel() for p in getattr(components, name).parameters())
+              for name in ("unet", "text_encoder", "vae")}
+    cache = manifest.get("quantization", {}).get("calibration", {}) or {}
+    if cache.get("cache_dir"):
+        recorded = load_inputs(Path(cache["cache_dir"]))
+        probes = [recorded[i] for i in (0, len(recorded) // 2, len(recorded) - 1)]
+    else:
+        latent = manifest["image"]["height"] // manifest["image"]["vae_scale_factor"]
+        torch.manual_seed(0)
+        sample, timestep, context = unet_example(unet, components.text_encoder, latent)
+        probes = [{"sample": sample.numpy(), "timestep": timestep.numpy(),
+                   "encoder_hidden_states": context.numpy()}]
+    pipe = Pipeline.load(export, verify=False, batch_size=len(probes[0]["sample"]) // 2)
+    cosines = []
+    for probe in probes:
+        with torch.no_grad():
+            expected = unet(*(torch.from_numpy(probe[k]) for k in
+                              ("sample", "timestep", "encoder_hidden_states"))).sample.numpy()
+        got = pipe.predict_noise(probe["sample"], float(probe["timestep"][0]),
+                                 probe["encoder_hidden_states"])
+        cosines.append(float(got.ravel() @ expected.ravel()
+                             / (np.linalg.norm(got) * np.linalg.norm(expected))))
+    del components, unet
+    gc.collect()
+    probe = probes[len(probes) // 2]
+    seconds = []
+    for _ in range(calls + 1):  # the first call is warm-up
+        start = time.perf_counter()
+        pipe.predict_noise(probe["sample"], float(probe["timestep"][0]),
+                           probe["encoder_hidden_states"])
+        seconds.append(time.perf_counter() - start)
+    files = manifest["files"]
+    unet_ir = sum(f["bytes"] for rel, f in files.items() if rel.startswith("openvino/unet"))
+    return {
+        "export": str(export), "model": model,
+        "init": source["init"], "bits": manifest["recipe"]["bits"],
+        "size": manifest["image"]["height"], "params": params,
+        "unet_fp32_mb": round(params["unet"] * 4 / MB, 1), "unet_ir_mb": round(unet_ir / MB, 1),
+        "export_mb": round(sum(f["bytes"] for f in files.values()) / MB, 1),
+        "unet_batch": len(probe["sample"]),
+        "step_ms_median": round(1e3 * statistics.median(seconds[1:]), 1),
+        "timesteps": [float(p["timestep"][0]) for p in probes],
+        "cosine_vs_torch": [round(c, 6) for c in cosines],
+    }
+
+
+def table(rows: list[dict]) -> str:
+    header = ("model", "init", "bits", "size", "UNet params M", "text enc params M",
+              "UNet FP32 MB", "UNet IR MB", "export MB", "UNet step ms (batch)",
+              "cosine vs torch (first / mid / last step)")
+    lines = [(r["model"], r["init"], r["bits"], r["size"], f"{r['params']['unet'] / 1e6:.1f}",
+              f"{r['params']['text_encoder'] / 1e6:.1f}", r["unet_fp32_mb"], r["unet_ir_mb"],
+              r["export_mb"], f"{r['step_ms_median']} ({r['unet_batch']})",
+              " / ".join(f"{c:.4f}" for c in r["cosine_vs_torch"])) for r in rows]
+    return markdown_table(header, lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("exports", nargs="+", type=Path, help="export folders, one per model")
+    p.add_argument("--calls", type=int, default=5, help="timed UNet calls after a warm-up")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/model-zoo"))
+    args = p.parse_args(argv)
+    try:
+        if args.calls < 1:
+            raise UserError(f"--calls must be at least 1, got {args.calls}")
+        rows = []
+        for export in args.exports:
+            print(f"{export} ...", file=sys.stderr, flush=True)
+            rows.append(measure(export, args.calls))
+    except UserError as e:
+        print(f"model_zoo: error: {e}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps({"machine": machine(), "rows": rows},
+                                                      indent=1) + "\n")
+    print(table(rows))
+    print(f"\nwrote {args.out / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
