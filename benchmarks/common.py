@@ -55,6 +55,20 @@ def _describe(manifest: dict) -> str:
             f"{image['height']}x{image['width']}")
 
 
+def disk_sizes(root: Path, manifest: dict) -> dict[str, float]:
+    """MB (10^6 bytes) on disk: each component's OpenVINO IR (.xml + .bin) and the whole
+    export folder."""
+    def mb(paths) -> float:
+        return round(sum(p.stat().st_size for p in paths) / 1e6, 2)
+
+    sizes = {}
+    for name, entry in manifest["components"].items():
+        xml = root / entry["openvino"]
+        sizes[name] = mb([xml, xml.with_suffix(".bin")])
+    sizes["export"] = mb(p for p in root.rglob("*") if p.is_file())
+    return sizes
+
+
 def parse_schedulers(text: str) -> list[str]:
     """``pndm:50,dpm++:20`` -> ``["pndm:50", "dpm++:20"]`` with canonical sampler names."""
     from deploy.schedulers import scheduler_name

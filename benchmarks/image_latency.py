@@ -30,8 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (bars, child_main, figure, machine, parse_exports, parse_schedulers,
-                    run_child)
+from common import (bars, child_main, disk_sizes, figure, machine, parse_exports,
+                    parse_schedulers, run_child)
 from readme_table import markdown
 
 from dq_export.errors import UserError
@@ -41,7 +41,6 @@ DEFAULT_THROUGHPUT = "dpm++:20"
 QUICK = {"schedulers": "pndm:2,dpm++:2", "throughput": "dpm++:2", "repeats": 1, "batch": "2"}
 PROMPT = "a photograph of a lighthouse at dusk"
 TIMED = ("text_encoder", "unet_loop", "vae_decoder", "total")  # deploy.Pipeline's timings
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 MEMORY_GOAL = 0.4  # the issue's goal: ours W8A8 peak RSS <= 0.4x FP32's
 
 
@@ -141,19 +140,6 @@ def measure_throughput(export: str, label: str, batch: int, scheduler: str,
 
 def measure(kind: str, **task) -> dict:
     return {"latency": measure_latency, "throughput": measure_throughput}[kind](**task)
-
-
-def disk_sizes(root: Path, manifest: dict) -> dict[str, float]:
-    """MB on disk: each component's OpenVINO IR (.xml + .bin) and the whole export folder."""
-    def mb(paths) -> float:
-        return round(sum(p.stat().st_size for p in paths) / 1e6, 2)
-
-    sizes = {}
-    for name in COMPONENTS:
-        xml = root / manifest["components"][name]["openvino"]
-        sizes[name] = mb([xml, xml.with_suffix(".bin")])
-    sizes["export"] = mb(p for p in root.rglob("*") if p.is_file())
-    return sizes
 
 
 def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,

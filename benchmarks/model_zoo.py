@@ -22,10 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, markdown_table
+from common import disk_sizes, machine, markdown_table
 from dq_export.errors import UserError
-
-MB = 1e6  # as image_latency.py reports sizes
 
 
 def measure(export: Path, calls: int) -> dict:
@@ -73,14 +71,13 @@ def measure(export: Path, calls: int) -> dict:
         pipe.predict_noise(probe["sample"], float(probe["timestep"][0]),
                            probe["encoder_hidden_states"])
         seconds.append(time.perf_counter() - start)
-    files = manifest["files"]
-    unet_ir = sum(f["bytes"] for rel, f in files.items() if rel.startswith("openvino/unet"))
+    sizes = disk_sizes(export, manifest)
     return {
         "export": str(export), "model": model,
         "init": source["init"], "bits": manifest["recipe"]["bits"],
         "size": manifest["image"]["height"], "params": params,
-        "unet_fp32_mb": round(params["unet"] * 4 / MB, 1), "unet_ir_mb": round(unet_ir / MB, 1),
-        "export_mb": round(sum(f["bytes"] for f in files.values()) / MB, 1),
+        "unet_fp32_mb": round(params["unet"] * 4 / 1e6, 1), "unet_ir_mb": sizes["unet"],
+        "export_mb": sizes["export"],
         "unet_batch": len(probe["sample"]),
         "step_ms_median": round(1e3 * statistics.median(seconds[1:]), 1),
         "timesteps": [float(p["timestep"][0]) for p in probes],

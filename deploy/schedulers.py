@@ -94,6 +94,13 @@ class Sampler:
     def scale_model_input(self, sample: np.ndarray, timestep) -> np.ndarray:
         return sample
 
+    def _alpha_bar(self, timestep: int):
+        """alpha-bar_t; before t = 0 (the last step's target) 1 with ``set_alpha_to_one``,
+        else alpha-bar_0: PNDM's and DDIM's final alpha."""
+        if timestep >= 0:
+            return self.alphas_cumprod[timestep]
+        return np.float32(1.0) if self.config["set_alpha_to_one"] else self.alphas_cumprod[0]
+
     def _spaced(self, steps: int, points: int | None = None) -> np.ndarray:
         return spaced(self.n_train, steps, self.config["timestep_spacing"],
                       self.config["steps_offset"], points)
@@ -110,8 +117,6 @@ class PNDM(Sampler):
         if not self.config["skip_prk_steps"]:
             raise UserError("PNDM's Runge-Kutta warm-up (skip_prk_steps=False) is not "
                             "implemented: use skip_prk_steps (PLMS)")
-        self.final_alpha_cumprod = (np.float32(1.0) if self.config["set_alpha_to_one"]
-                                    else self.alphas_cumprod[0])
 
     def set_timesteps(self, steps: int) -> None:
         base = self._spaced(steps).round().astype(np.int64)
@@ -142,9 +147,7 @@ class PNDM(Sampler):
 
     def _prev_sample(self, sample, timestep, prev_timestep, model_output):
         """PNDM paper eq. 9: x_{t-d} from x_t and the combined noise prediction."""
-        a_t = self.alphas_cumprod[timestep]
-        a_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 \
-            else self.final_alpha_cumprod
+        a_t, a_prev = self.alphas_cumprod[timestep], self._alpha_bar(prev_timestep)
         b_t, b_prev = 1 - a_t, 1 - a_prev
         if self.v_prediction:
             model_output = (a_t**0.5) * model_output + (b_t**0.5) * sample
@@ -158,11 +161,6 @@ class DDIM(Sampler):
     DEFAULTS = {"set_alpha_to_one": True, "timestep_spacing": "leading", "clip_sample": True,
                 "clip_sample_range": 1.0}
 
-    def __init__(self, config: dict, overrides: dict):
-        super().__init__(config, overrides)
-        self.final_alpha_cumprod = (np.float32(1.0) if self.config["set_alpha_to_one"]
-                                    else self.alphas_cumprod[0])
-
     def set_timesteps(self, steps: int) -> None:
         spaced_ = self._spaced(steps)
         if self.config["timestep_spacing"] != "trailing":
@@ -173,9 +171,7 @@ class DDIM(Sampler):
     def step(self, model_output, timestep, sample, eta=0.0, generator=None) -> np.ndarray:
         timestep = int(timestep)
         prev_timestep = timestep - self.n_train // self.steps
-        a_t = self.alphas_cumprod[timestep]
-        a_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 \
-            else self.final_alpha_cumprod
+        a_t, a_prev = self.alphas_cumprod[timestep], self._alpha_bar(prev_timestep)
         b_t = 1 - a_t
         if self.v_prediction:
             x0 = (a_t**0.5) * sample - (b_t**0.5) * model_output

@@ -207,7 +207,8 @@ def test_groups_share_one_weight_file(tiny_w8a8):
 
 
 def weight_types(xml):
-    """Element types of the constants that feed MatMuls (directly or through a Convert)."""
+    """Element types of the 2-D constants with at least 32 rows: the MatMul and embedding
+    weights and, for int8 weights, their per-row scales and zero points."""
     import openvino as ov
 
     types = set()
