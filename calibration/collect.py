@@ -114,6 +114,9 @@ def collect(components, settings: CalibrationSettings, prompts: list[str], image
     if checkpoint.is_file():
         stats, meta = StepStatistics.load(checkpoint)
         done, seconds = int(meta["batches_done"]), float(meta["seconds"])
+        if stats.keys != statistic_keys(components.unet):  # made by an older dq-export
+            stats = replay_statistics(components.unet, cache_dir, timesteps, done, progress)
+            stats.save(checkpoint, {"batches_done": str(done), "seconds": f"{seconds:.2f}"})
     batches = [chosen[i:i + settings.batch_size]
                for i in range(0, len(chosen), settings.batch_size)]
     vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
@@ -141,6 +144,25 @@ def collect(components, settings: CalibrationSettings, prompts: list[str], image
                "steps": settings.steps, "every": settings.every, "guidance": settings.guidance,
                "seconds": round(seconds, 1), "cache_dir": str(cache_dir)}
     return stats, summary
+
+
+def replay_statistics(unet, cache_dir: Path, timesteps: list[int], batches: int,
+                      progress: bool = True) -> StepStatistics:
+    """Statistics recomputed from the cached UNet inputs, one UNet call each: for a cache
+    whose statistics lack quantizers that this version fits. No sampler runs again."""
+    import torch
+    from tqdm.auto import tqdm
+
+    step_of = {t: k for k, t in enumerate(timesteps)}
+    stats = StepStatistics(statistic_keys(unet), len(timesteps))
+    calls = load_inputs(cache_dir, batches)
+    state = {"step": None}
+    with recording(unet, stats, lambda: state["step"]), torch.no_grad():
+        for call in tqdm(calls, desc="statistics from cached inputs", disable=not progress):
+            state["step"] = step_of[int(round(float(call["timestep"][0])))]
+            unet(torch.from_numpy(call["sample"]), torch.from_numpy(call["timestep"]),
+                 torch.from_numpy(call["encoder_hidden_states"]))
+    return stats
 
 
 class TrajectoryRecorder:
@@ -190,12 +212,13 @@ def _save_inputs(path: Path, recorder: TrajectoryRecorder, embeddings: np.ndarra
     tmp.replace(path)
 
 
-def load_inputs(cache_dir: Path) -> list[dict[str, np.ndarray]]:
-    """Every cached UNet input as one dict per call (sample, timestep, encoder_hidden_states)."""
+def load_inputs(cache_dir: Path, batches: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Every cached UNet input (of the first ``batches`` batches) as one dict per call
+    (sample, timestep, encoder_hidden_states)."""
     from safetensors.numpy import load_file
 
     calls = []
-    for path in sorted((Path(cache_dir) / "inputs").glob("batch-*.safetensors")):
+    for path in sorted((Path(cache_dir) / "inputs").glob("batch-*.safetensors"))[:batches]:
         data = load_file(str(path))
         for sample, t in zip(data["sample"], data["timestep"]):
             calls.append({"sample": sample, "timestep": np.full(len(sample), t, np.float32),

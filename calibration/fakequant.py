@@ -12,7 +12,8 @@ from contextlib import contextmanager
 import numpy as np
 
 from calibration.fit import QuantParams
-from calibration.layers import activation_keys, quantized_layers
+from calibration.layers import (PROJECTIONS, activation_keys, attention_keys, attention_modules,
+                                quantized_layers)
 from calibration.quant_math import dequantize_linear, quantize_linear, weight_scales
 
 
@@ -33,25 +34,33 @@ def fake_quant_weight(weight: np.ndarray, bits: int = 8, split: int | None = Non
 def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
                    splits: dict[str, int], bits: dict[str, int] | None = None):
     """Within the block, ``unet`` runs with quantize-dequantized weights (``bits`` per layer,
-    default 8) and (if ``params``) inputs quantized with ``group``'s scales, or ``step``'s
-    on per-step-table layers."""
+    default 8) and (if ``params``) quantized inputs and attention operands (the outputs of
+    to_q, to_k, to_v, where ``params`` has them), with ``group``'s scales, or ``step``'s on
+    per-step-table layers; what ``params`` leaves out stays float."""
     import torch
 
     layers = quantized_layers(unet)
+    modules = dict(unet.named_modules())
     originals = {name: m.weight.data.clone() for name, m in layers.items()}
 
-    def hook_for(name):
+    def quantized(key, x):
+        q = params.activations.get(key)
+        if q is None:
+            return x
+        scale = q.step_scales[step] if q.step_scales is not None else q.group_scales[group]
+        return fake_quant_activation(x, scale, q.dtype)
+
+    def input_hook(name):
         def hook(module, inputs):
             x = inputs[0].detach().numpy()
-            keys = activation_keys(name, splits)
             parts = np.split(x, [splits[name]], axis=1) if name in splits else [x]
-            out = []
-            for key, part in zip(keys, parts):
-                q = params.activations[key]
-                scale = q.step_scales[step] if q.step_scales is not None else \
-                    q.group_scales[group]
-                out.append(fake_quant_activation(part, scale, q.dtype))
+            out = [quantized(key, part) for key, part in zip(activation_keys(name, splits), parts)]
             return (torch.from_numpy(np.concatenate(out, axis=1)),) + tuple(inputs[1:])
+        return hook
+
+    def output_hook(key):
+        def hook(module, inputs, output):
+            return torch.from_numpy(quantized(key, output.detach().numpy()))
         return hook
 
     handles = []
@@ -61,10 +70,39 @@ def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
                 fake_quant_weight(originals[name].numpy(), (bits or {}).get(name, 8),
                                   splits.get(name)))
             if params is not None:
-                handles.append(module.register_forward_pre_hook(hook_for(name)))
+                handles.append(module.register_forward_pre_hook(input_hook(name)))
+        for name, projections in (attention_modules(unet).items() if params else ()):
+            handles += [modules[p].register_forward_hook(output_hook(key))
+                        for key, p in zip(attention_keys(name, PROJECTIONS), projections)]
+            if f"{name}@p" in params.activations:
+                handles.append(_quantized_softmax(modules[name], lambda a, key=f"{name}@p":
+                                                  torch.from_numpy(quantized(key, a.numpy()))))
         yield unet
     finally:
         for handle in handles:
             handle.remove()
         for name, module in layers.items():
             module.weight.data = originals[name]
+
+
+class _Restore:
+    """A handle (like torch's hook handles) undoing ``_quantized_softmax``."""
+
+    def __init__(self, module, processor):
+        self.module, self.processor = module, processor
+
+    def remove(self) -> None:
+        self.module.set_processor(self.processor)
+        del self.module.get_attention_scores  # back to the class's method
+
+
+def _quantized_softmax(module, quantize) -> _Restore:
+    """Run ``module`` with diffusers' explicit AttnProcessor, whose softmax output passes
+    through ``quantize`` (the fused SDPA processors never expose it)."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    restore = _Restore(module, module.processor)
+    scores = module.get_attention_scores
+    module.get_attention_scores = lambda *args, **kwargs: quantize(scores(*args, **kwargs))
+    module.set_processor(AttnProcessor())
+    return restore

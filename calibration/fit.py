@@ -13,7 +13,7 @@ import numpy as np
 from calibration.estimators import estimate
 from calibration.groups import auto_groups, uniform_groups
 from calibration.histogram import merge
-from calibration.layers import is_time_embedding_layer
+from calibration.layers import ATTENTION_OPERANDS, PROJECTIONS, is_time_embedding_layer, owner
 from calibration.quant_math import activation_dtype, activation_scale
 from calibration.statistics import StepStatistics
 
@@ -41,11 +41,18 @@ class QuantParams:
 
     def without(self, layers: list[str]) -> QuantParams:
         """These parameters with the inputs of ``layers`` left in float (both halves of a
-        split shortcut go with their layer)."""
+        split shortcut go with their layer; an attention's name drops its q, k and v)."""
         drop = set(layers)
         return QuantParams(self.timesteps, self.groups,
+                           {k: q for k, q in self.activations.items() if owner(k) not in drop})
+
+    def restricted_attention(self, attention: str) -> QuantParams:
+        """Keep the attention quantizers the recipe's ``attention`` asks for: none (float),
+        q, k and v (qkv), or also the softmax output p (int8)."""
+        kept = {"float": (), "qkv": PROJECTIONS, "int8": ATTENTION_OPERANDS}[attention]
+        return QuantParams(self.timesteps, self.groups,
                            {k: q for k, q in self.activations.items()
-                            if k.split("#")[0] not in drop})
+                            if "@" not in k or k.split("@")[1] in kept})
 
     def to_dict(self) -> dict:
         return asdict(self)

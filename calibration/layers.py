@@ -4,7 +4,10 @@
 - the time-embedding path (time_embedding.linear_1/2, each ResNet's time_emb_proj) sees
   inputs that depend only on t, so it gets one input scale per sampler step (TFMQ-DM);
 - each up-path ResNet's conv_shortcut reads the concatenation [hidden, skip]; its two
-  halves get their own scales (Q-Diffusion's split shortcut quantization).
+  halves get their own scales (Q-Diffusion's split shortcut quantization);
+- each attention's products Q.K^T and A.V get int8 q, k and v (the outputs of to_q, to_k,
+  to_v) and, if the recipe says so, a uint8 softmax output A (Q-Diffusion keeps A above
+  8 bits; OpenVINO on CPU has no 16-bit kernels, so the choice is float or uint8).
 """
 
 from __future__ import annotations
@@ -36,6 +39,33 @@ def shortcut_splits(unet) -> dict[str, int]:
                 splits[f"up_blocks.{b}.resnets.{j}.conv_shortcut"] = hidden
             hidden = resnet.out_channels
     return splits
+
+
+PROJECTIONS = ("q", "k", "v")  # outputs of to_q, to_k, to_v
+ATTENTION_OPERANDS = PROJECTIONS + ("p",)  # p: the softmax output, A in A.V
+
+
+def attention_modules(unet) -> dict[str, tuple[str, str, str]]:
+    """attention module name -> the names of its to_q, to_k, to_v projections."""
+    import torch
+
+    found = {}
+    for name, module in unet.named_modules():
+        projections = [getattr(module, f"to_{x}", None) for x in PROJECTIONS]
+        if all(isinstance(p, torch.nn.Linear) for p in projections):
+            found[name] = tuple(f"{name}.to_{x}" for x in PROJECTIONS)
+    return found
+
+
+def attention_keys(name: str, operands=ATTENTION_OPERANDS) -> list[str]:
+    """Quantizer names of one attention's operands: ``<attention>@q``, ``@k``, ``@v``, ``@p``."""
+    return [f"{name}@{x}" for x in operands]
+
+
+def owner(key: str) -> str:
+    """The module a quantizer belongs to: a layer (``name``, ``name#half``) or an
+    attention (``name@operand``)."""
+    return key.split("#")[0].split("@")[0]
 
 
 def activation_keys(name: str, splits: dict[str, int]) -> list[str]:

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from calibration.histogram import BINS, Histogram, merge, record
-from calibration.layers import activation_keys, quantized_layers, shortcut_splits
+from calibration.layers import (PROJECTIONS, activation_keys, attention_keys,
+                                attention_modules, quantized_layers, shortcut_splits)
 from dq_export.errors import UserError
 
 
@@ -67,35 +68,72 @@ class StepStatistics:
 
 
 def statistic_keys(unet) -> list[str]:
+    """Every layer input quantizer, then every attention's q, k, v and softmax output p."""
     splits = shortcut_splits(unet)
-    return [key for name in quantized_layers(unet) for key in activation_keys(name, splits)]
+    return ([key for name in quantized_layers(unet) for key in activation_keys(name, splits)]
+            + [key for name in attention_modules(unet) for key in attention_keys(name)])
+
+
+SOFTMAX_ROWS = 64  # query rows per (sample, head) whose softmax is recorded
+
+
+def softmax_sample(q, k, heads: int, scale: float, rows: int = SOFTMAX_ROWS):
+    """softmax(q k^T · scale) for evenly spaced query rows of every sample and head: the
+    attention probabilities A, at a cost independent of the sequence length squared."""
+    import torch
+
+    batch, length, inner = q.shape
+    pick = torch.linspace(0, length - 1, min(rows, length)).round().long()
+    q = q[:, pick].reshape(batch, len(pick), heads, inner // heads).transpose(1, 2)
+    k = k.reshape(batch, k.shape[1], heads, inner // heads).transpose(1, 2)
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)
 
 
 @contextmanager
 def recording(unet, stats: StepStatistics, current_step):
-    """Forward pre-hooks adding each quantized layer's input to ``stats`` at ``current_step()``.
+    """Hooks adding to ``stats`` at ``current_step()`` each quantized layer's input, each
+    attention's q, k, v (the outputs of its projections) and its softmax output p, from a
+    sample of query rows (``softmax_sample``).
 
     ``current_step()`` returns the calibrated step index, or None to record nothing. A
     non-finite input stops calibration with the layer and step named.
     """
     splits = shortcut_splits(unet)
 
-    def hook_for(name):
+    def add(keys, parts):
+        step = current_step()
+        if step is None:
+            return
+        for key, part in zip(keys, parts):
+            hist = record(part)
+            if not (np.isfinite(hist.min) and np.isfinite(hist.max)):
+                raise UserError(f"non-finite activation (NaN or inf) at {key}, calibrated step "
+                                f"{step}: check the model weights and inputs")
+            stats.add(key, step, hist)
+
+    def input_hook(name):
         def hook(module, inputs):
-            step = current_step()
-            if step is None:
-                return
             x = inputs[0]
             parts = [x[:, :splits[name]], x[:, splits[name]:]] if name in splits else [x]
-            for key, part in zip(activation_keys(name, splits), parts):
-                hist = record(part)
-                if not (np.isfinite(hist.min) and np.isfinite(hist.max)):
-                    raise UserError(f"non-finite activation (NaN or inf) at the input of {name}, "
-                                    f"calibrated step {step}: check the model weights and inputs")
-                stats.add(key, step, hist)
+            add(activation_keys(name, splits), parts)
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(n)) for n, m in quantized_layers(unet).items()]
+    def output_hook(name, operand):
+        def hook(module, inputs, output):
+            add([f"{name}@{operand}"], [output])
+            if operand == "q":  # diffusers projects q, then k: keep q for the softmax
+                queries[name] = output
+            elif operand == "k" and name in queries and current_step() is not None:
+                add([f"{name}@p"], [softmax_sample(queries.pop(name), output,
+                                                   modules[name].heads, modules[name].scale)])
+        return hook
+
+    modules = dict(unet.named_modules())
+    queries = {}
+    handles = [m.register_forward_pre_hook(input_hook(n)) for n, m in quantized_layers(unet).items()]
+    for name, projections in attention_modules(unet).items():
+        handles += [modules[p].register_forward_hook(output_hook(name, operand))
+                    for operand, p in zip(PROJECTIONS, projections)]
     try:
         yield stats
     finally:

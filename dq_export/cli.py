@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one scale per group on the time-embedding path, not one per step")
     q.add_argument("--no-split-shortcut", dest="split_shortcut", action="store_false",
                    help="one scale for each skip concatenation instead of one per half")
+    q.add_argument("--attention", default=d.attention,
+                   help="what of attention's Q.K^T and A.V runs in int8: qkv (q, k, v; softmax "
+                        "output float, as Q-Diffusion), int8 (also the softmax output, uint8), "
+                        f"float (default {d.attention})")
     q.add_argument("--target-cpu", default=d.target_cpu,
                    help="auto: profile every layer on this CPU with OpenVINO and keep the "
                         "input in float where int8 is not faster; none: int8 everywhere "
@@ -73,7 +77,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return Recipe(bits=parse_bits(args.bits), method=args.method, image_size=args.size,
                   seed=args.seed, groups=args.groups, group_split=args.group_split,
                   estimator=args.estimator, time_tables=args.time_tables,
-                  split_shortcut=args.split_shortcut, target_cpu=args.target_cpu,
+                  split_shortcut=args.split_shortcut, attention=args.attention,
+                  target_cpu=args.target_cpu,
                   text_encoder_weights=args.text_encoder_weights,
                   calib_scheduler=args.calib_scheduler,
                   calib_steps=args.calib_steps, calib_prompts=args.calib_prompts,

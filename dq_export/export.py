@@ -139,6 +139,7 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
             params = fit(stats, summary["calibrated_timesteps"], recipe.groups,
                          recipe.group_split, recipe.estimator, recipe.time_tables,
                          recipe.split_shortcut)
+            params = params.restricted_attention(recipe.attention)
     onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
                                    stage)
     graphs = dict(onnx_paths)  # what becomes each component's IR
@@ -211,7 +212,7 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
 def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe, params,
                         latent_size: int) -> dict:
     """``--target-cpu auto``: time every layer in int8 and in FP32 on this machine."""
-    from calibration.layers import quantized_layers
+    from calibration.layers import attention_modules, quantized_layers
     from dq_export.quantize_unet import write_shared_graph
     from dq_export.target_cpu import choose_float_layers
 
@@ -222,8 +223,10 @@ def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe,
     int8_unet = write_shared_graph(fp32_unet, root / "unet_profile.onnx", components.unet,
                                    recipe, params)
     try:
-        return choose_float_layers(fp32_unet, int8_unet, shapes,
-                                   set(quantized_layers(components.unet)))
+        units = set(quantized_layers(components.unet))
+        if recipe.attention != "float":
+            units |= set(attention_modules(components.unet))
+        return choose_float_layers(fp32_unet, int8_unet, shapes, units)
     finally:
         _remove_graph(int8_unet)
 

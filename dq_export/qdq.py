@@ -4,7 +4,8 @@ Each pass is a small function with one job, run in order by ``build_qdq_unet``; 
 passes the ONNX checker. Graph nodes are matched to torch modules by the names the torch
 exporter gives them (``/unet/down_blocks.0/resnets.0/conv1/Conv`` is module
 ``down_blocks.0.resnets.0.conv1``). What stays in float: norms, activations, softmax, and
-the attention-score MatMuls (Q.K^T and A.V, Q-Diffusion's finding).
+the softmax output A (Q-Diffusion keeps attention scores above 8 bits). The attention-score
+MatMuls Q.K^T and A.V get int8 q, k and v, which OpenVINO runs inside its fused attention.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration.fit import QuantParams
-from calibration.layers import activation_keys
+from calibration.layers import ATTENTION_OPERANDS, PROJECTIONS, activation_keys, owner
 from calibration.quant_math import INT_TYPES, quantize_linear, weight_scales
 
 STEP_INDEX = "step_index"
@@ -30,6 +31,23 @@ class LayerNode:
     node: onnx.NodeProto
     weight: str  # initializer name of the weight input
     axis: int  # output-channel axis of that weight
+
+
+@dataclass
+class Edge:
+    """One node input that an activation quantizer is put on."""
+    key: str  # the quantizer's name in QuantParams
+    node: onnx.NodeProto
+    index: int
+
+
+@dataclass
+class AttentionNodes:
+    """The two products of one attention, and where its q, k, v and p enter them."""
+    name: str  # torch module name
+    scores: onnx.NodeProto  # MatMul(q, k^T), feeding the softmax
+    output: onnx.NodeProto  # MatMul(softmax, v)
+    edges: dict[str, Edge]  # operand ("q", "k", "v", "p") -> its quantizer's edge
 
 
 def module_name(node_name: str) -> str:
@@ -58,6 +76,75 @@ def find_layers(model: onnx.ModelProto, layer_names: set[str]) -> dict[str, Laye
     if missing:
         raise ValueError(f"no ONNX node found for quantized layers {sorted(missing)[:5]}")
     return found
+
+
+def find_attentions(model: onnx.ModelProto, names: set[str]) -> dict[str, AttentionNodes]:
+    """The score products of the named attention modules.
+
+    The torch exporter writes ``softmax((q*c) @ (k^T*c)) @ v`` with c = scale^1/2 and q, k, v
+    split into heads: q, k and v are quantized at their projections' outputs (as
+    calibrated), the softmax output p where it enters the second MatMul.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    by_module: dict[str, list] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and module_name(node.name) in names:
+            by_module.setdefault(module_name(node.name), []).append(node)
+    found = {}
+    for name in names:
+        matmuls = by_module.get(name, [])
+        output = next((n for n in matmuls if producers.get(n.input[0]) is not None
+                       and producers[n.input[0]].op_type == "Softmax"), None)
+        softmax = producers[output.input[0]] if output is not None else None
+        scores = next((n for n in matmuls if softmax is not None
+                       and n.output[0] == softmax.input[0]), None)
+        if scores is None:
+            raise ValueError(f"no softmax(q @ k^T) @ v found in the ONNX graph for {name}")
+        edges = {}
+        for operand, (node, index) in zip(ATTENTION_OPERANDS, ((scores, 0), (scores, 1),
+                                                              (output, 1), (output, 0))):
+            if operand in PROJECTIONS:
+                node, index = _projection_edge(node, index, producers)
+            edges[operand] = Edge(f"{name}@{operand}", node, index)
+        found[name] = AttentionNodes(name, scores, output, edges)
+    return found
+
+
+def _projection_edge(node: onnx.NodeProto, index: int, producers: dict) -> tuple:
+    """Walk from a product's input back through the head split (Reshape, Transpose) and
+    the ``* c`` scaling to the projection's output: the quantizer goes there, so its scale
+    is the calibrated one and OpenVINO moves int8, not float, through the head split."""
+    while True:
+        before = producers.get(node.input[index])
+        if before is None or before.op_type not in ("Reshape", "Transpose", "Mul"):
+            return node, index
+        node, index = before, _data_input(before, producers)
+
+
+def _data_input(node: onnx.NodeProto, producers: dict) -> int:
+    """The input of a Reshape, Transpose or ``x * c`` that carries the data: the first,
+    except for a Mul whose first input is the scale computed from the shape."""
+    if node.op_type != "Mul":
+        return 0
+    for index, name in enumerate(node.input):
+        if name in producers and producers[name].op_type in ("Transpose", "Reshape", "MatMul",
+                                                              "Add"):
+            return index
+    raise ValueError(f"cannot tell the data input of {node.name}")
+
+
+def activation_edges(model: onnx.ModelProto, layers: dict[str, LayerNode],
+                     params: QuantParams) -> tuple[list[Edge], dict[str, AttentionNodes]]:
+    """Every edge with a quantizer in ``params``: layer inputs, then the operands of each
+    attention that has q, k and v (and p, if it has one); and those attentions."""
+    edges = [Edge(key, layer.node, 0) for key, layer in layers.items()
+             if key in params.activations]
+    names = {owner(key) for key in params.activations if "@" in key}
+    names = {n for n in names if all(f"{n}@{x}" in params.activations for x in PROJECTIONS)}
+    attentions = find_attentions(model, names)
+    for attention in attentions.values():
+        edges += [e for e in attention.edges.values() if e.key in params.activations]
+    return edges, attentions
 
 
 def insert_before(graph: onnx.GraphProto, anchor: onnx.NodeProto, nodes: list) -> list:
@@ -144,19 +231,18 @@ def quantize_weights(model: onnx.ModelProto, layers: dict[str, LayerNode],
 
 def quantize_activations(model: onnx.ModelProto, layers: dict[str, LayerNode],
                          params: QuantParams) -> None:
-    """Put a QuantizeLinear/DequantizeLinear pair on each quantized layer's input.
+    """Put a QuantizeLinear/DequantizeLinear pair on each quantized edge: layer inputs and
+    attention operands. Layers without a quantizer in ``params`` keep a float input.
 
-    Layers without a quantizer in ``params`` keep a float input.
     Scales are initializers ``<key>.y_scale`` (rewritten per group by ``set_group``);
     time-embedding layers with a per-step table read theirs with
     Gather(``<key>.y_scale_table``, step_index), ``step_index`` being a graph input.
     """
     graph = model.graph
     uses_table = False
-    for key, layer in layers.items():
-        quantizer = params.activations.get(key)
-        if quantizer is None:  # kept in float (``--target-cpu``)
-            continue
+    edges, _ = activation_edges(model, layers, params)
+    for edge in edges:
+        key, quantizer = edge.key, params.activations[edge.key]
         _, _, np_type = INT_TYPES[quantizer.dtype]
         graph.initializer.append(numpy_helper.from_array(np.zeros((), np_type),
                                                          f"{key}.y_zero_point"))
@@ -174,13 +260,13 @@ def quantize_activations(model: onnx.ModelProto, layers: dict[str, LayerNode],
                                               [scale_name], name=f"{key}/Gather", axis=0))
         zero = f"{key}.y_zero_point"
         new_nodes += [
-            helper.make_node("QuantizeLinear", [layer.node.input[0], scale_name, zero],
+            helper.make_node("QuantizeLinear", [edge.node.input[edge.index], scale_name, zero],
                              [f"{key}.quantized"], name=f"{key}/QuantizeLinear"),
             helper.make_node("DequantizeLinear", [f"{key}.quantized", scale_name, zero],
                              [f"{key}.dequantized"], name=f"{key}/DequantizeLinear"),
         ]
-        insert_before(graph, layer.node, new_nodes)
-        layer.node.input[0] = f"{key}.dequantized"
+        insert_before(graph, edge.node, new_nodes)
+        edge.node.input[edge.index] = f"{key}.dequantized"
     if uses_table:
         graph.input.append(helper.make_tensor_value_info(STEP_INDEX, TensorProto.INT64, []))
 

@@ -13,11 +13,14 @@ from calibration.groups import GROUP_SPLITS
 from deploy.schedulers import SCHEDULERS
 from dq_export.errors import UserError
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2  # 2: attention (version 1 exports kept attention in float)
 
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 METHODS = ("dq", "nncf")
 TARGET_CPUS = ("none", "auto")
+# float: attention products in float; qkv: int8 q, k, v, float softmax output (Q-Diffusion);
+# int8: q, k, v and a uint8 softmax output, attention fully in int8
+ATTENTIONS = ("float", "qkv", "int8")
 TEXT_ENCODER_WEIGHTS = ("fp32", "int8")
 # The smallest calibration that still fits 4 groups: the tests' and benchmarks' tiny-sd W8A8
 TINY_CALIBRATION = dict(calib_steps=10, calib_prompts=4, calib_batch=2, groups=4)
@@ -36,6 +39,7 @@ class Recipe:
     estimator: str = "mse"  # activation range estimator
     time_tables: bool = True  # per-step scales on the time-embedding path (TFMQ-DM)
     split_shortcut: bool = True  # separate scales for the two halves of skip concats
+    attention: str = "qkv"  # what of attention's Q.K^T and A.V is int8 (ATTENTIONS)
     target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
     text_encoder_weights: str | None = None  # None: int8 for integer recipes, else fp32
     # calibration: the deployment the scales are fitted for
@@ -74,13 +78,15 @@ class Recipe:
         if data.get("version", RECIPE_VERSION) > RECIPE_VERSION:
             raise UserError(f"recipe version {data['version']} is newer than this dq-export "
                             f"understands ({RECIPE_VERSION}): upgrade dq-export")
+        if data.get("version", RECIPE_VERSION) < 2:
+            data = {"attention": "float", **data}
         return cls(**data)
 
     def check(self) -> Recipe:
         """Validate every field; a UserError names the field and the valid values."""
         choices = {"bits": BITS, "method": METHODS, "estimator": ESTIMATORS,
                    "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS,
-                   "target_cpu": TARGET_CPUS}
+                   "target_cpu": TARGET_CPUS, "attention": ATTENTIONS}
         if self.text_encoder_weights is not None:
             choices["text_encoder_weights"] = TEXT_ENCODER_WEIGHTS
         for name, valid in choices.items():

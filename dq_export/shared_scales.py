@@ -11,9 +11,13 @@ where the quantizer has the constant scale 1 (integer units) and the step's scal
 from ``Gather(table, step_index)``: the group's scale at every step of that group, and the
 step's own scale on the time-embedding path. The layer is linear and has no zero point
 (symmetric int8, or uint8 from 0), so only the bias has to move behind the multiplier.
+An attention's products are bilinear: ``(q·c)(k^T·c)`` is rescaled by ``s_q·s_k`` before
+the softmax, and ``A·v`` by ``s_v`` (``s_p·s_v`` when the softmax output is quantized too).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -21,7 +25,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calibration.fit import QuantParams
 from calibration.quant_math import INT_TYPES
-from dq_export.qdq import STEP_INDEX, LayerNode, insert_before
+from dq_export.qdq import STEP_INDEX, LayerNode, activation_edges, insert_before
+
+
+@dataclass
+class Rescale:
+    """A linear node whose output is in integer units of the product of ``keys``' scales."""
+    node: onnx.NodeProto
+    keys: list[str]
+    name: str  # prefix of the nodes and tables added for it
+    bias: str | None = None  # initializer added after the rescale (a detached Conv/Gemm bias)
 
 
 def step_scale_tables(params: QuantParams) -> dict[str, np.ndarray]:
@@ -48,48 +61,69 @@ def _detach_bias(graph: onnx.GraphProto, layer: LayerNode) -> str | None:
     return name
 
 
+def _to_integer_units(graph: onnx.GraphProto, key: str, node: onnx.NodeProto, index: int,
+                      table: np.ndarray, dtype: str) -> None:
+    """``x -> DQ(Q(x · 1/s, 1))`` on input ``index`` of ``node``."""
+    _, _, np_type = INT_TYPES[dtype]
+    zero, inverse = f"{key}.y_zero_point", f"{key}.inverse_y_scale_step"
+    graph.initializer.extend([
+        numpy_helper.from_array(np.zeros((), np_type), zero),
+        numpy_helper.from_array((1 / table).astype(np.float32), f"{key}.inverse_y_scale_table"),
+    ])
+    insert_before(graph, node, [
+        helper.make_node("Gather", [f"{key}.inverse_y_scale_table", STEP_INDEX], [inverse],
+                         name=f"{key}/GatherInverseScale", axis=0),
+        helper.make_node("Mul", [node.input[index], inverse], [f"{key}.integer_units"],
+                         name=f"{key}/ToIntegerUnits"),
+        helper.make_node("QuantizeLinear", [f"{key}.integer_units", "unit_scale", zero],
+                         [f"{key}.quantized"], name=f"{key}/QuantizeLinear"),
+        helper.make_node("DequantizeLinear", [f"{key}.quantized", "unit_scale", zero],
+                         [f"{key}.dequantized"], name=f"{key}/DequantizeLinear"),
+    ])
+    node.input[index] = f"{key}.dequantized"
+
+
+def _from_integer_units(graph: onnx.GraphProto, rescale: Rescale,
+                        tables: dict[str, np.ndarray]) -> None:
+    """Multiply ``rescale.node``'s output by the step's product of scales (then add the bias)."""
+    node, name = rescale.node, rescale.name
+    table = np.prod([tables[key] for key in rescale.keys], axis=0).astype(np.float32)
+    graph.initializer.append(numpy_helper.from_array(table, f"{name}.output_scale_table"))
+    output = node.output[0]
+    node.output[0] = f"{name}.output_integer_units"
+    rescaled = f"{name}.output_rescaled" if rescale.bias else output
+    after = [helper.make_node("Gather", [f"{name}.output_scale_table", STEP_INDEX],
+                              [f"{name}.output_scale_step"], name=f"{name}/GatherScale", axis=0),
+             helper.make_node("Mul", [node.output[0], f"{name}.output_scale_step"], [rescaled],
+                              name=f"{name}/FromIntegerUnits")]
+    if rescale.bias:
+        after.append(helper.make_node("Add", [rescaled, rescale.bias], [output],
+                                      name=f"{name}/Bias"))
+    index = list(graph.node).index(node) + 1
+    for offset, new in enumerate(after):
+        graph.node.insert(index + offset, new)
+
+
 def quantize_activations_shared(model: onnx.ModelProto, layers: dict[str, LayerNode],
                                 params: QuantParams) -> None:
-    """Unit-scale QuantizeLinear/DequantizeLinear on each layer input, with the step's
-    scale applied by a Multiply before it and after the layer (the bias after that)."""
+    """Unit-scale QuantizeLinear/DequantizeLinear on each quantized edge, with the step's
+    scales applied by a Multiply before it and after the node it feeds (the bias after
+    that); layers without a quantizer (``--target-cpu``) keep a float input."""
     graph = model.graph
     tables = step_scale_tables(params)
     graph.initializer.append(numpy_helper.from_array(np.float32(1.0), "unit_scale"))
-    for key, layer in layers.items():
-        if key not in params.activations:  # kept in float (``--target-cpu``)
-            continue
-        _, _, np_type = INT_TYPES[params.activations[key].dtype]
-        zero, scale, inverse = (f"{key}.y_zero_point", f"{key}.y_scale_step",
-                                f"{key}.inverse_y_scale_step")
-        graph.initializer.extend([
-            numpy_helper.from_array(np.zeros((), np_type), zero),
-            numpy_helper.from_array(tables[key], f"{key}.y_scale_table"),
-            numpy_helper.from_array((1 / tables[key]).astype(np.float32),
-                                    f"{key}.inverse_y_scale_table"),
-        ])
-        node = layer.node
-        insert_before(graph, node, [
-            helper.make_node("Gather", [f"{key}.y_scale_table", STEP_INDEX], [scale],
-                             name=f"{key}/GatherScale", axis=0),
-            helper.make_node("Gather", [f"{key}.inverse_y_scale_table", STEP_INDEX], [inverse],
-                             name=f"{key}/GatherInverseScale", axis=0),
-            helper.make_node("Mul", [node.input[0], inverse], [f"{key}.integer_units"],
-                             name=f"{key}/ToIntegerUnits"),
-            helper.make_node("QuantizeLinear", [f"{key}.integer_units", "unit_scale", zero],
-                             [f"{key}.quantized"], name=f"{key}/QuantizeLinear"),
-            helper.make_node("DequantizeLinear", [f"{key}.quantized", "unit_scale", zero],
-                             [f"{key}.dequantized"], name=f"{key}/DequantizeLinear"),
-        ])
-        node.input[0] = f"{key}.dequantized"
-        bias = _detach_bias(graph, layer)
-        output = node.output[0]
-        node.output[0] = f"{key}.output_integer_units"
-        rescaled = f"{key}.output_rescaled" if bias else output
-        after = [helper.make_node("Mul", [node.output[0], scale], [rescaled],
-                                  name=f"{key}/FromIntegerUnits")]
-        if bias:
-            after.append(helper.make_node("Add", [rescaled, bias], [output], name=f"{key}/Bias"))
-        index = list(graph.node).index(node) + 1
-        for offset, new in enumerate(after):
-            graph.node.insert(index + offset, new)
+    edges, attentions = activation_edges(model, layers, params)
+    rescales = [Rescale(layer.node, [key], key, _detach_bias(graph, layer))
+                for key, layer in layers.items() if key in params.activations]
+    for attention in attentions.values():
+        for node, operands, suffix in ((attention.scores, ("q", "k"), "@qk"),
+                                       (attention.output, ("p", "v"), "@pv")):
+            keys = [attention.edges[x].key for x in operands
+                    if attention.edges[x].key in params.activations]
+            rescales.append(Rescale(node, keys, attention.name + suffix))
+    for edge in edges:
+        _to_integer_units(graph, edge.key, edge.node, edge.index, tables[edge.key],
+                          params.activations[edge.key].dtype)
+    for rescale in rescales:
+        _from_integer_units(graph, rescale, tables)
     graph.input.append(helper.make_tensor_value_info(STEP_INDEX, TensorProto.INT64, []))

@@ -7,7 +7,8 @@ guessing. It compiles the FP32 UNet and the all-int8 shared-scale UNet at the ex
 shapes, runs both with OpenVINO's per-layer performance counters, charges every executed
 node to the layer it belongs to (its kernel, and in the int8 graph also its quantizer and
 output multiplier), and keeps in float the layers whose int8 total is not below their FP32
-total. Attention scores are never quantized, so OpenVINO's fused attention is untouched.
+total. Each attention is one more such unit: its fused Q.K^T-softmax-A.V with int8 q, k, v
+against the FP32 one.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from pathlib import Path
 
 import numpy as np
 
+from calibration.layers import owner
+
 PROFILE_CALLS = 3  # timed calls after one warm-up; each node's median is used
 
 
 def owning_layer(node_name: str, layers: set[str]) -> str | None:
-    """The quantized layer an executed OpenVINO node belongs to, if any.
+    """The quantized layer (or attention) an executed OpenVINO node belongs to, if any.
 
     Nodes from the torch exporter are named by module path (``/unet/down_blocks.0/
-    resnets.0/conv1/Conv/WithoutBiases``); nodes added by the QDQ passes start with the
-    quantizer key (``up_blocks.0.resnets.0.conv_shortcut#1/Bias``).
+    resnets.0/conv1/Conv/WithoutBiases``): the longest module path in ``layers`` owns it;
+    nodes added by the QDQ passes start with the quantizer key
+    (``up_blocks.0.resnets.0.conv_shortcut#1/Bias``, ``...attn1@qk/FromIntegerUnits``).
     """
     if node_name.startswith("/"):
         parts = [p for p in node_name.split("/") if p][1:]
@@ -33,7 +37,7 @@ def owning_layer(node_name: str, layers: set[str]) -> str | None:
             if ".".join(parts[:n]) in layers:
                 return ".".join(parts[:n])
         return None
-    head = node_name.split("/")[0].split("#")[0]
+    head = owner(node_name.split("/")[0])
     return head if head in layers else None
 
 

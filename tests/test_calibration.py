@@ -69,6 +69,42 @@ def test_interrupted_collection_resumes_to_the_same_statistics(tiny, tmp_path, m
     np.testing.assert_array_equal(full.max, resumed.max)
 
 
+def test_statistics_missing_from_an_older_cache_are_rebuilt_from_its_inputs(tiny, tmp_path):
+    """A cache whose statistics lack quantizers this version fits (attention operands, say)
+    gets them from its cached UNet inputs: the same numbers as a fresh collection, and no
+    sampler run (the inputs are not rewritten)."""
+    from calibration.statistics import StepStatistics
+
+    full, _ = collect(tiny, SETTINGS, PROMPTS, 64, tmp_path, progress=False)
+    assert any(k.endswith("@p") for k in full.keys) and any(k.endswith("@q") for k in full.keys)
+    layer_keys = [k for k in full.keys if "@" not in k]
+    old = StepStatistics(layer_keys, full.num_steps)
+    for name in ("pos", "neg", "zeros", "min", "max"):
+        setattr(old, name, getattr(full, name)[:len(layer_keys)])
+    checkpoint = tmp_path / "stats.safetensors"
+    old.save(checkpoint, {"batches_done": "2", "seconds": "1.0"})
+    inputs = {p: p.stat().st_mtime_ns for p in (tmp_path / "inputs").iterdir()}
+    rebuilt, _ = collect(tiny, SETTINGS, PROMPTS, 64, tmp_path, progress=False)
+    assert rebuilt.keys == full.keys
+    np.testing.assert_allclose(rebuilt.pos, full.pos, rtol=0, atol=1e-6 * full.pos.max())
+    np.testing.assert_allclose(rebuilt.max, full.max, rtol=1e-5)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "inputs").iterdir()} == inputs
+    assert StepStatistics.load(checkpoint)[0].keys == full.keys
+
+
+def test_softmax_sample_is_the_attention_probabilities_of_the_sampled_rows():
+    from calibration.statistics import softmax_sample
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 100, 16), torch.randn(2, 30, 16)  # 2 heads of 8
+    probs = softmax_sample(q, k, heads=2, scale=8 ** -0.5, rows=5)
+    assert probs.shape == (2, 2, 5, 30)
+    full = torch.softmax(q.reshape(2, 100, 2, 8).transpose(1, 2)
+                         @ k.reshape(2, 30, 2, 8).transpose(1, 2).transpose(-1, -2) * 8 ** -0.5, -1)
+    rows = torch.linspace(0, 99, 5).round().long()
+    torch.testing.assert_close(probs, full[:, :, rows])
+
+
 def test_cache_of_another_model_or_recipe_is_detected(tiny, tmp_path):
     collect(tiny, SETTINGS, PROMPTS, 64, tmp_path, progress=False)
     other = CalibrationSettings(steps=5, num_prompts=4, batch_size=2)

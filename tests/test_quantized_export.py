@@ -13,9 +13,9 @@ from calibration.collect import load_inputs
 from calibration.estimators import estimate
 from calibration.fakequant import fake_quant_activation, fake_quant_weight, fake_quantized
 from calibration.fit import QuantParams
-from calibration.layers import activation_keys, quantized_layers, shortcut_splits
+from calibration.layers import activation_keys, attention_modules, quantized_layers, shortcut_splits
 from calibration.quant_math import activation_scale
-from calibration.statistics import StepStatistics
+from calibration.statistics import StepStatistics, statistic_keys
 from deploy import Pipeline
 from dq_export.loading import load_components
 
@@ -63,11 +63,13 @@ def test_every_quantizer_in_the_graph_computes_the_simulated_rounding(tiny_w8a8,
     manifest, params, components, calls = setup
     splits = shortcut_splits(components.unet)
     layers = quantized_layers(components.unet)
-    keys = [k for name in layers for k in activation_keys(name, splits)]
+    keys = list(params.activations)  # layer inputs and attention operands (default: q, k, v)
+    assert set(keys) == {k for k in statistic_keys(components.unet) if not k.endswith("@p")}
     for g, steps in enumerate(params.groups):
         k = steps[-1]
         model = onnx.load(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"))
-        weight_names = [f"{key}.weight_dequantized" for key in keys]
+        weight_names = [f"{key}.weight_dequantized" for name in layers
+                        for key in activation_keys(name, splits)]
         feeds = dict(call_at(calls, params.timesteps[k]), step_index=np.asarray(k, np.int64))
         probes, values = run_with_probes(model, keys, feeds,
                                          weight_names + [f"{key}.dequantized" for key in keys])
@@ -98,20 +100,35 @@ def test_shared_graph_applies_each_steps_scales(tiny_w8a8, tiny_export, setup, t
     from dq_export.recipe import Recipe
 
     manifest, params, components, calls = setup
-    splits = shortcut_splits(components.unet)
-    keys = [k for name in quantized_layers(components.unet) for k in activation_keys(name, splits)]
+    keys = list(params.activations)
+    layer_keys = [key for key in keys if "@" not in key]
+    products = {}  # rescaled node -> the quantizers whose scales multiply its output
+    for name in attention_modules(components.unet):
+        products[f"{name}@qk"] = (f"{name}@q", f"{name}@k")
+        products[f"{name}@pv"] = tuple(k for k in (f"{name}@p", f"{name}@v") if k in params.activations)
     recipe = Recipe.from_dict(manifest["recipe"])
     path = write_shared_graph(tiny_export / "onnx" / "unet.onnx", tmp_path / "shared.onnx",
                               components.unet, recipe, params)
     for g, steps in enumerate(params.groups):
         for k in (steps[0], steps[-1]):
+            def scale_at(key):
+                q = params.activations[key]
+                return np.float32(q.step_scales[k] if q.step_scales is not None
+                                  else q.group_scales[g])
+
             feeds = dict(call_at(calls, params.timesteps[k]), step_index=np.asarray(k, np.int64))
             probes, values = run_with_probes(onnx.load(str(path)), keys, feeds, [
-                name for key in keys for name in (f"{key}.dequantized", f"{key}.y_scale_step")])
+                name for key in keys for name in (f"{key}.dequantized",
+                                                  f"{key}.inverse_y_scale_step")]
+                + [f"{key}.output_scale_step" for key in layer_keys + list(products)])
+            for key in layer_keys:  # y = s * (W x_int) + b
+                assert values[f"{key}.output_scale_step"] == scale_at(key), key
+            for name, operands in products.items():  # (q k^T) * s_q s_k, (A v) * s_v
+                assert values[f"{name}.output_scale_step"] == np.prod(
+                    [scale_at(key) for key in operands], dtype=np.float32), name
             for key in keys:
-                q = params.activations[key]
-                scale = q.step_scales[k] if q.step_scales is not None else q.group_scales[g]
-                assert values[f"{key}.y_scale_step"] == np.float32(scale), key
+                q, scale = params.activations[key], scale_at(key)
+                assert values[f"{key}.inverse_y_scale_step"] == np.float32(1 / scale), key
                 # the quantizer reads x * (1/s); x / s can differ in the last bit, so allow
                 # one level on a handful of ties
                 got = values[f"{key}.dequantized"] * scale
@@ -317,20 +334,22 @@ def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
 
     manifest, params, components, calls = setup
     split = next(iter(shortcut_splits(components.unet)))
-    kept = ["conv_in", split]
+    attention = next(iter(attention_modules(components.unet)))
+    kept = ["conv_in", split, attention]
     monkeypatch.setattr(target_cpu, "layers_kept_float", lambda int8, fp32: kept)
     out = tmp_path / "auto"
     manifest = export("tiny-sd", out, Recipe(bits="w8a8", seed=0, target_cpu="auto",
                                              **TINY_CALIBRATION), init="random",
                       calibration_dir=manifest["quantization"]["calibration"]["cache_dir"])
     profile = json.loads((out / "target_cpu.json").read_text())
-    layers = quantized_layers(components.unet)
-    assert set(profile["layers"]) == set(layers)
+    units = set(quantized_layers(components.unet)) | set(attention_modules(components.unet))
+    assert set(profile["layers"]) == units  # every Conv/Linear and every attention
     assert all(t["int8_ms"] > 0 and t["fp32_ms"] > 0 for t in profile["layers"].values())
     assert manifest["quantization"]["target_cpu"]["kept_float"] == kept
     saved = json.loads((out / "quant_params.json").read_text())["activations"]
-    assert not {"conv_in", f"{split}#0", f"{split}#1"} & set(saved)
-    assert len(saved) == len(params.activations) - 3
+    dropped = {"conv_in", f"{split}#0", f"{split}#1"} | {f"{attention}@{x}" for x in "qkv"}
+    assert not dropped & set(saved)
+    assert len(saved) == len(params.activations) - len(dropped)
     quantized = {n.name.split("/")[0] for n in onnx.load(str(out / "onnx" / "unet_group0.onnx"),
                                                          load_external_data=False).graph.node
                  if n.op_type == "QuantizeLinear"}
@@ -341,3 +360,46 @@ def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
              if op.get_type_name() == "FakeQuantize"}
     assert in_ir <= set(saved) and len(in_ir) > 0.6 * len(saved)
     assert Pipeline.load(out).generate("a digit 7", steps=3).images[0].size == (64, 64)
+
+
+def test_int8_attention_quantizes_the_softmax_output_too(tiny_w8a8, setup, tmp_path):
+    """``--attention int8``: every attention also gets a uint8 softmax output p. In the group
+    graph each p quantizer computes the simulated rounding, and ONNX Runtime (group graph)
+    and OpenVINO (shared graph) agree with the torch simulation, whose softmax output is
+    quantized the same way, as closely as the default recipe's (previous tests' bounds)."""
+    import openvino as ov
+
+    from conftest import TINY_CALIBRATION
+    from dq_export.export import export
+    from dq_export.recipe import Recipe
+
+    manifest, _, components, calls = setup
+    out = tmp_path / "int8-attention"
+    export("tiny-sd", out, Recipe(bits="w8a8", seed=0, attention="int8", **TINY_CALIBRATION),
+           init="random", calibration_dir=manifest["quantization"]["calibration"]["cache_dir"])
+    params = QuantParams.from_dict(json.loads((out / "quant_params.json").read_text()))
+    softmax = [f"{name}@p" for name in attention_modules(components.unet)]
+    assert all(params.activations[key].dtype == "uint8" for key in softmax)
+    splits = shortcut_splits(components.unet)
+    compiled = ov.Core().compile_model(out / "openvino" / "unet.xml", "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    for g, steps in enumerate(params.groups):
+        k = steps[-1]
+        call = call_at(calls, params.timesteps[k])
+        feeds = dict(call, step_index=np.asarray(k, np.int64))
+        group_graph = onnx.load(str(out / "onnx" / f"unet_group{g}.onnx"))
+        probes, values = run_with_probes(group_graph, softmax, feeds,
+                                         [f"{key}.dequantized" for key in softmax])
+        for key in softmax:
+            expected = fake_quant_activation(values[probes[key]], params.activations[key]
+                                             .group_scales[g], "uint8")
+            np.testing.assert_allclose(values[f"{key}.dequantized"], expected, rtol=0,
+                                       atol=1e-7, err_msg=key)
+        fp = unet_out(components.unet, call)
+        with fake_quantized(components.unet, params, g, k, splits):
+            sim = unet_out(components.unet, call)
+        quant_error = rel(sim, fp)
+        onnx_out = values[group_graph.graph.output[0].name]
+        for out_ in (onnx_out, compiled(feeds)[0]):
+            assert abs(rel(out_, fp) - quant_error) < 0.3 * quant_error
+            assert rel(out_, sim) < np.sqrt(2) * quant_error
