@@ -2,7 +2,9 @@
 
 Text-to-image exports (text encoder, UNet, VAE decoder) take prompts; unconditional ones
 (pixel-space DDPM/DDIM: the UNet alone; latent diffusion: UNet and VQ or KL decoder) take
-none and draw ``num_images`` images. Load once, generate many. ``generate`` holds a lock, so one Pipeline may be shared between
+none and draw ``num_images`` images.
+
+Load once, generate many. ``generate`` holds a lock, so one Pipeline may be shared between
 threads; calls run one at a time. For parallel requests give each worker thread a
 ``sibling()``: the same compiled models (one copy of the weights), its own infer requests.
 """

@@ -22,7 +22,8 @@ from pathlib import Path
 from calibration.collect import read_prompts
 from dq_export import __version__
 from dq_export.errors import UserError
-from dq_export.loading import check_model_arg, model_layout
+from dq_export.layout import Layout
+from dq_export.loading import model_layout
 from dq_export.recipe import Recipe
 from dq_export.registry import model_defaults
 
@@ -87,20 +88,19 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
            calibration_dir: Path | None = None) -> dict:
     """Run the whole export and return the manifest written to ``out``."""
     recipe.check()
-    check_model_arg(model)
-    conditional = model_layout(model).conditional
+    layout = model_layout(model)  # an unknown model fails here, before any heavy work
     if prompts is not None:
-        if not conditional:
+        if not layout.conditional:
             raise UserError(f"{model} is an unconditional model: it takes no --prompts")
         read_prompts(prompts)  # fail now, not after loading the model
-    recipe = with_model_defaults(recipe, model, conditional)
+    recipe = with_model_defaults(recipe, model, layout.conditional)
     out = Path(out)
     prepare_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        manifest = _export_into(model, partial, recipe, init, prompts, calibration_dir)
+        manifest = _export_into(model, layout, partial, recipe, init, prompts, calibration_dir)
         _replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -123,8 +123,8 @@ def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe
                                          if conditional else None))
 
 
-def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Path | None,
-                 calibration_dir: Path | None) -> dict:
+def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: str,
+                 prompts: Path | None, calibration_dir: Path | None) -> dict:
     from calibration.collect import collect, load_inputs
     from calibration.fit import fit
     from dq_export.loading import load_components
@@ -137,7 +137,6 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
 
     calibrates = recipe.activations_quantized
     fits = calibrates and recipe.method == "dq"
-    layout = model_layout(model)
     parts = 1 + layout.conditional + (layout.decoder is not None)
     stage = StageLog(total=2 + 2 * parts + calibrates + fits + recipe.quantized
                      + (recipe.target_cpu == "auto"))

@@ -91,18 +91,17 @@ def load_components(model: str, init: str = "pretrained", seed: int = 0) -> Comp
             if weights is None:
                 raise missing_weights_error(spec)
             folder = weights
-        image_size = spec.image_size
     elif Path(model).is_dir():
         folder = Path(model).resolve()
         source = {"kind": "folder", "name": folder.name, "path": str(folder)}
         if init == "pretrained":
             check_diffusers_folder(folder)
         weights = folder if init == "pretrained" else None
-        image_size = read_layout(folder).image_size()
     else:
         raise unknown_model_error(model)
     source.update(init="pretrained" if weights else "random", seed=None if weights else seed)
     layout = read_layout(weights or folder)
+    image_size = get_spec(model).image_size if model in REGISTRY else layout.image_size()
     parts = _load_weights(layout) if weights else _build_random(layout, seed)
     return Components(**parts, scheduler_config=json.loads(layout.scheduler_file.read_text()),
                       latent_scaling=_latent_scaling(layout, parts.get("vae")), source=source,

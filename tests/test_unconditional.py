@@ -5,6 +5,7 @@ against diffusers' DDIM and LDM pipelines, then W8A8."""
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,7 +19,7 @@ from dq_export.errors import UserError
 from dq_export.loading import load_components
 from dq_export.recipe import TINY_CALIBRATION, Recipe
 
-BENCHMARKS = __import__("pathlib").Path(__file__).parent.parent / "benchmarks"
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 
 
 def export_tiny(model, root, **recipe):
@@ -197,6 +198,14 @@ def test_model_zoo_rows_for_unconditional_exports(ddpm_fp32, ldm_w8a8, tmp_path)
     assert min(fp32["cosine_vs_torch"]) > 0.99999
     assert len(w8a8["cosine_vs_torch"]) == 3 and 0.99 < min(w8a8["cosine_vs_torch"]) < 0.99999
     assert "| tiny-ldm | random | w8a8 | 32 | 0.7 | - | 0.2 |" in done.stdout
+
+
+def test_prompt_benchmarks_refuse_unconditional_exports(ddpm_fp32, tmp_path):
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "image_latency.py"),
+                           f"fp32={ddpm_fp32}", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "unconditional export" in done.stderr and "model_zoo.py" in done.stderr
 
 
 def test_flat_folder_and_vq_scaling_factor(tmp_path):
