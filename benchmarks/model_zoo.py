@@ -45,9 +45,8 @@ def measure(export: Path, calls: int) -> dict:
               for name, module in components.modules().items()}
     cache = manifest.get("quantization", {}).get("calibration", {}) or {}
     if cache.get("cache_dir"):
-        recorded = load_inputs(Path(cache["cache_dir"]))
-        probes = [one_image(recorded[i], components.conditional)
-                  for i in (0, len(recorded) // 2, len(recorded) - 1)]
+        probes = [one_image(call, components.conditional)
+                  for call in first_middle_last(load_inputs(Path(cache["cache_dir"])))]
     else:
         latent = manifest["image"]["height"] // manifest["image"]["vae_scale_factor"]
         torch.manual_seed(0)
@@ -84,6 +83,14 @@ def measure(export: Path, calls: int) -> dict:
     }
 
 
+def first_middle_last(calls: list[dict]) -> list[dict]:
+    """The first recorded call at the first, middle and last calibrated timestep (sampling
+    runs from high t to low; a cache holds every batch's trajectory one after the other)."""
+    steps = sorted({float(c["timestep"][0]) for c in calls}, reverse=True)
+    wanted = (steps[0], steps[len(steps) // 2], steps[-1])
+    return [next(c for c in calls if float(c["timestep"][0]) == t) for t in wanted]
+
+
 def one_image(call: dict, conditional: bool) -> dict:
     """One image's rows of a cached batch: its unconditional and conditional rows (the
     [uncond; cond] halves of a guided batch), or its one row."""
@@ -98,7 +105,7 @@ def millions(params: dict, name: str) -> str:
 
 def table(rows: list[dict]) -> str:
     header = ("model", "init", "bits", "size", "UNet params M", "text enc params M",
-              "decoder params M", "UNet FP32 MB", "UNet IR MB", "export MB",
+              "autoencoder params M", "UNet FP32 MB", "UNet IR MB", "export MB",
               "UNet step ms (batch)", "cosine vs torch (first / mid / last step)")
     lines = [(r["model"], r["init"], r["bits"], r["size"], millions(r["params"], "unet"),
               millions(r["params"], "text_encoder"), millions(r["params"], "vae"),

@@ -175,9 +175,10 @@ def test_w8a8_groups_time_tables_and_split_shortcut(ldm_w8a8):
     assert "step_index" in [i.name for i in group0.graph.input]
 
     pipe = Pipeline.load(ldm_w8a8)
-    calls = load_inputs(calibration["cache_dir"])
-    for call in (calls[0], calls[len(calls) // 2], calls[-1]):
-        sample, timestep = call["sample"][:1], call["timestep"][:1]
+    calls = {int(c["timestep"][0]): c for c in load_inputs(calibration["cache_dir"])}
+    timesteps = quantization["timesteps"]
+    for t in (timesteps[0], timesteps[steps // 2], timesteps[-1]):
+        sample, timestep = calls[t]["sample"][:1], calls[t]["timestep"][:1]
         with torch.no_grad():
             expected = components.unet(torch.from_numpy(sample),
                                        torch.from_numpy(timestep)).sample.numpy().ravel()
@@ -197,6 +198,7 @@ def test_model_zoo_rows_for_unconditional_exports(ddpm_fp32, ldm_w8a8, tmp_path)
     assert fp32["unet_batch"] == w8a8["unet_batch"] == 1  # one image, no guidance
     assert min(fp32["cosine_vs_torch"]) > 0.99999
     assert len(w8a8["cosine_vs_torch"]) == 3 and 0.99 < min(w8a8["cosine_vs_torch"]) < 0.99999
+    assert w8a8["timesteps"] == [900.0, 400.0, 0.0]  # first, middle, last of 10 calibrated
     assert "| tiny-ldm | random | w8a8 | 32 | 0.7 | - | 0.2 |" in done.stdout
 
 
