@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DDIM eta of the calibration trajectories (default: the model's, 0)")
     c.add_argument("--calib-prompts", type=int, default=d.calib_prompts,
                    help="n: prompts used, or sampled images for an unconditional model "
-                        "(default: the model's, see the README's registry table)")
+                        "(default: the model's: 16 for tiny-sd, 2 for the SD models, 16 "
+                        "images for ddpm-cifar10, 2 for ldm-celebahq-256)")
     c.add_argument("--calib-every", type=int, default=d.calib_every,
                    help="c: record every c-th step (default: the model's: 1 for SD, 5 for "
                         "ddpm-cifar10, 10 for ldm-celebahq-256)")
