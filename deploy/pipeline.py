@@ -296,6 +296,6 @@ def _check_settings(steps: int, eta: float, scheduler_config: dict) -> None:
     train_steps = scheduler_config.get("num_train_timesteps", 1000)
     if not isinstance(steps, int) or not 1 <= steps <= train_steps:
         raise UserError(f"steps must be an integer in [1, {train_steps}], got {steps!r}")
-    if not math.isfinite(eta) or eta < 0:
-        raise UserError(f"eta must be a number >= 0 (DDIM: 0 deterministic, 1 DDPM-like), "
+    if not 0 <= eta <= 1:  # above 1 the square root in DDIM's direction term can go negative
+        raise UserError(f"eta must be in [0, 1] (DDIM: 0 deterministic, 1 DDPM-like), "
                         f"got {eta!r}")

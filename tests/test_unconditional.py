@@ -114,7 +114,8 @@ def test_generation_defaults_and_input_checks(ldm_fp32):
     assert set(result.timings) == {"unet_loop", "vae_decoder", "total"}
     for kwargs, message in (({"prompt": "a face"}, "unconditional and takes no prompt"),
                             ({"guidance": 3.0}, "drop guidance"),
-                            ({"num_images": 0}, "num_images"), ({"eta": -1.0}, "eta")):
+                            ({"num_images": 0}, "num_images"), ({"eta": -1.0}, "eta"),
+                            ({"eta": 1.5}, "eta")):
         with pytest.raises(UserError, match=message):
             pipe.generate(**kwargs)
     with pytest.raises(UserError, match="dq-serve serves text-to-image"):
@@ -133,6 +134,13 @@ def test_dq_generate_needs_no_prompt_and_refuses_one(ddpm_fp32, tmp_path):
                               "a cat", "--out", str(out)], capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "takes no prompt" in refused.stderr
+
+
+def test_dq_serve_refuses_an_unconditional_export_at_start_up(ddpm_fp32):
+    done = subprocess.run([sys.executable, "-m", "deploy.server_cli", str(ddpm_fp32),
+                           "--port", "0"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "dq-serve serves text-to-image" in done.stderr
 
 
 def test_unconditional_export_refuses_text_settings(tmp_path):
