@@ -23,7 +23,8 @@ COLORS = ("#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#93
 
 def parse_exports(items: list[str]) -> dict[str, Path]:
     """``LABEL=EXPORT_DIR`` arguments -> {label: folder}, each checked to be an export, all
-    of one model at one image size (ratios between others mean nothing)."""
+    of one model at one image size (ratios between others mean nothing), a text-to-image one
+    (these scripts draw prompts; benchmarks/model_zoo.py measures unconditional models)."""
     from dq_export.manifest import read_manifest
 
     exports: dict[str, Path] = {}
@@ -40,6 +41,9 @@ def parse_exports(items: list[str]) -> dict[str, Path]:
         if not path.is_dir():
             raise UserError(f"{path}: no such folder (label {label})")
         manifests[label] = read_manifest(path, verify=False)  # one-line error if no export
+        if "text_encoder" not in manifests[label]["components"]:
+            raise UserError(f"{path} is an unconditional export and this benchmark draws "
+                            "prompts: measure it with benchmarks/model_zoo.py")
     first, manifest = next(iter(manifests.items()))
     for label, other in manifests.items():
         for key in ("model", "image"):

@@ -5,7 +5,8 @@ The table every registry architecture gets: does its export run, how big, how fa
 the deployed UNet compute what torch computes? The torch model is rebuilt from the manifest
 (registry name or folder, ``--init`` and seed), so ``--init random`` exports compare exactly.
 Inputs are real trajectory inputs from the export's calibration cache at its first, middle and
-last calibrated step (FP32 exports: a seeded random input at t = 999).
+last calibrated step (FP32 exports: a seeded random input at t = 999), each one sampler step
+of one image: batch 2 (guided) for text-to-image, batch 1 for an unconditional model.
 
     python benchmarks/model_zoo.py E/sd14-w8a8 E/sd21-base-w8a8 --out benchmarks/results/model-zoo
 """
@@ -33,33 +34,30 @@ def measure(export: Path, calls: int) -> dict:
     from deploy import Pipeline
     from dq_export.loading import load_components
     from dq_export.manifest import read_manifest
-    from dq_export.onnx_export import unet_example
+    from dq_export.onnx_export import unet_example, unet_input_names
 
     manifest = read_manifest(export, verify=False)
     source = manifest["model"]
     model = source["path"] if source["kind"] == "folder" else source["name"]
     components = load_components(model, source["init"], source.get("seed") or 0)
-    unet = components.unet
-    params = {name: sum(p.numel() for p in getattr(components, name).parameters())
-              for name in ("unet", "text_encoder", "vae")}
+    unet, names = components.unet, unet_input_names(components)
+    params = {name: sum(p.numel() for p in module.parameters())
+              for name, module in components.modules().items()}
     cache = manifest.get("quantization", {}).get("calibration", {}) or {}
     if cache.get("cache_dir"):
-        recorded = load_inputs(Path(cache["cache_dir"]))
-        probes = [recorded[i] for i in (0, len(recorded) // 2, len(recorded) - 1)]
+        probes = [one_image(call, components.conditional)
+                  for call in first_middle_last(load_inputs(Path(cache["cache_dir"])))]
     else:
         latent = manifest["image"]["height"] // manifest["image"]["vae_scale_factor"]
         torch.manual_seed(0)
-        sample, timestep, context = unet_example(unet, components.text_encoder, latent)
-        probes = [{"sample": sample.numpy(), "timestep": timestep.numpy(),
-                   "encoder_hidden_states": context.numpy()}]
-    pipe = Pipeline.load(export, verify=False, batch_size=len(probes[0]["sample"]) // 2)
+        probes = [{name: t.numpy() for name, t in zip(names, unet_example(components, latent))}]
+    pipe = Pipeline.load(export, verify=False)
     cosines = []
     for probe in probes:
         with torch.no_grad():
-            expected = unet(*(torch.from_numpy(probe[k]) for k in
-                              ("sample", "timestep", "encoder_hidden_states"))).sample.numpy()
+            expected = unet(*(torch.from_numpy(probe[k]) for k in names)).sample.numpy()
         got = pipe.predict_noise(probe["sample"], float(probe["timestep"][0]),
-                                 probe["encoder_hidden_states"])
+                                 probe.get("encoder_hidden_states"))
         cosines.append(float(got.ravel() @ expected.ravel()
                              / (np.linalg.norm(got) * np.linalg.norm(expected))))
     del components, unet
@@ -69,7 +67,7 @@ def measure(export: Path, calls: int) -> dict:
     for _ in range(calls + 1):  # the first call is warm-up
         start = time.perf_counter()
         pipe.predict_noise(probe["sample"], float(probe["timestep"][0]),
-                           probe["encoder_hidden_states"])
+                           probe.get("encoder_hidden_states"))
         seconds.append(time.perf_counter() - start)
     sizes = disk_sizes(export, manifest)
     return {
@@ -85,12 +83,33 @@ def measure(export: Path, calls: int) -> dict:
     }
 
 
+def first_middle_last(calls: list[dict]) -> list[dict]:
+    """The first recorded call at the first, middle and last calibrated timestep (sampling
+    runs from high t to low; a cache holds every batch's trajectory one after the other)."""
+    steps = sorted({float(c["timestep"][0]) for c in calls}, reverse=True)
+    wanted = (steps[0], steps[len(steps) // 2], steps[-1])
+    return [next(c for c in calls if float(c["timestep"][0]) == t) for t in wanted]
+
+
+def one_image(call: dict, conditional: bool) -> dict:
+    """One image's rows of a cached batch: its unconditional and conditional rows (the
+    [uncond; cond] halves of a guided batch), or its one row."""
+    half = len(call["sample"]) // 2
+    rows = [0, half] if conditional else [0]
+    return {name: value[rows] for name, value in call.items()}
+
+
+def millions(params: dict, name: str) -> str:
+    return f"{params[name] / 1e6:.1f}" if name in params else "-"
+
+
 def table(rows: list[dict]) -> str:
     header = ("model", "init", "bits", "size", "UNet params M", "text enc params M",
-              "UNet FP32 MB", "UNet IR MB", "export MB", "UNet step ms (batch)",
-              "cosine vs torch (first / mid / last step)")
-    lines = [(r["model"], r["init"], r["bits"], r["size"], f"{r['params']['unet'] / 1e6:.1f}",
-              f"{r['params']['text_encoder'] / 1e6:.1f}", r["unet_fp32_mb"], r["unet_ir_mb"],
+              "autoencoder params M", "UNet FP32 MB", "UNet IR MB", "export MB",
+              "UNet step ms (batch)", "cosine vs torch (first / mid / last step)")
+    lines = [(r["model"], r["init"], r["bits"], r["size"], millions(r["params"], "unet"),
+              millions(r["params"], "text_encoder"), millions(r["params"], "vae"),
+              r["unet_fp32_mb"], r["unet_ir_mb"],
               r["export_mb"], f"{r['step_ms_median']} ({r['unet_batch']})",
               " / ".join(f"{c:.4f}" for c in r["cosine_vs_torch"])) for r in rows]
     return markdown_table(header, lines)

@@ -2,7 +2,8 @@
 
 For each batch of prompts the FP32 torch pipeline runs the deployed sampler; at every c-th
 step the UNet inputs (x_t, t, [uncond; cond] text embeddings) are saved, and hooks add every
-quantized layer's input to per-step histograms in the same forward pass. Both are cached:
+quantized layer's input to per-step histograms in the same forward pass. An unconditional
+model samples batches of images instead, from x_T alone: the inputs are (x_t, t). Both are cached:
 after each batch the running statistics are checkpointed with the number of batches done,
 so an interrupted collection resumes where it stopped.
 """
@@ -35,6 +36,7 @@ class CalibrationSettings:
     batch_size: int = 4  # prompts per FP32 pipeline run
     guidance: float = 7.5
     seed: int = 0
+    eta: float = 0.0  # DDIM's stochastic term along the trajectories
 
 
 def read_prompts(path: Path | None) -> list[str]:
@@ -65,13 +67,17 @@ def calibrated_timesteps(scheduler_config: dict, settings: CalibrationSettings) 
     return distinct[::settings.every]
 
 
-def cache_identity(components, settings: CalibrationSettings, prompts: list[str],
+def cache_identity(components, settings: CalibrationSettings, prompts: list[str] | None,
                    image_size: int) -> dict:
-    """Everything the cached data depends on; a cache is reused only when all of it matches."""
+    """Everything the cached data depends on; a cache is reused only when all of it matches.
+
+    eta 0 is left out, so caches made before eta was a setting (all eta 0) stay valid."""
     architecture = {k: v for k, v in components.unet.config.items() if not k.startswith("_")}
+    recorded = {k: v for k, v in asdict(settings).items() if not (k == "eta" and v == 0)}
     return {"model": components.source, "unet_config": architecture,
-            "settings": asdict(settings), "image_size": image_size,
-            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+            "settings": recorded, "image_size": image_size,
+            "prompts_sha256": None if prompts is None
+            else hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
 
 
 def default_cache_dir(identity: dict) -> Path:
@@ -96,15 +102,17 @@ def open_cache(cache_dir: Path, identity: dict) -> None:
     meta.write_text(json.dumps(expected, indent=2) + "\n")
 
 
-def collect(components, settings: CalibrationSettings, prompts: list[str], image_size: int,
-            cache_dir: Path | None = None, progress: bool = True) -> tuple[StepStatistics, dict]:
-    """Run (or resume) collection; return the statistics and a summary for the manifest."""
+def collect(components, settings: CalibrationSettings, prompts: list[str] | None,
+            image_size: int, cache_dir: Path | None = None,
+            progress: bool = True) -> tuple[StepStatistics, dict]:
+    """Run (or resume) collection; return the statistics and a summary for the manifest.
+    ``prompts`` is None for an unconditional model: ``num_prompts`` images are sampled."""
     import torch
     from tqdm.auto import tqdm
 
     from deploy.sampler import run_sampler
 
-    chosen = choose_prompts(prompts, settings)
+    chosen = choose_prompts(prompts, settings) if components.conditional else None
     identity = cache_identity(components, settings, chosen, image_size)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(identity)
     open_cache(cache_dir, identity)
@@ -117,32 +125,39 @@ def collect(components, settings: CalibrationSettings, prompts: list[str], image
         if stats.keys != statistic_keys(components.unet):  # made by an older dq-export
             stats = replay_statistics(components.unet, cache_dir, timesteps, done, progress)
             stats.save(checkpoint, {"batches_done": str(done), "seconds": f"{seconds:.2f}"})
-    batches = [chosen[i:i + settings.batch_size]
-               for i in range(0, len(chosen), settings.batch_size)]
-    vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
-    latent = image_size // vae_factor
+    sizes = [min(settings.batch_size, settings.num_prompts - i)
+             for i in range(0, settings.num_prompts, settings.batch_size)]
+    latent = image_size // components.vae_factor
     unet = components.unet
     recorder = TrajectoryRecorder(unet, {t: k for k, t in enumerate(timesteps)})
-    bar = tqdm(total=len(batches), initial=done, desc="calibration batches", disable=not progress)
+    bar = tqdm(total=len(sizes), initial=done, desc="calibration batches", disable=not progress)
     with recording(unet, stats, lambda: recorder.step), torch.no_grad():
-        for b in range(done, len(batches)):
+        for b in range(done, len(sizes)):
             start = time.perf_counter()
             recorder.reset()
-            embeddings = np.concatenate([_encode(components, [""] * len(batches[b])),
-                                         _encode(components, batches[b])])
+            embeddings = None
+            if chosen is not None:
+                batch = chosen[b * settings.batch_size:][:sizes[b]]
+                embeddings = np.concatenate([_encode(components, [""] * len(batch)),
+                                             _encode(components, batch)])
             run_sampler(recorder, embeddings, settings.scheduler, components.scheduler_config,
-                        settings.steps, (len(batches[b]), unet.config.in_channels, latent, latent),
-                        settings.seed + b, settings.guidance, progress=progress)
+                        settings.steps, (sizes[b], components.latent_channels, latent, latent),
+                        settings.seed + b, settings.guidance if chosen is not None else None,
+                        settings.eta, progress=progress)
             _save_inputs(cache_dir / "inputs" / f"batch-{b:04d}.safetensors", recorder,
                          embeddings)
             seconds += time.perf_counter() - start
             stats.save(checkpoint, {"batches_done": str(b + 1), "seconds": f"{seconds:.2f}"})
             bar.update(1)
     bar.close()
-    summary = {"prompts": len(chosen), "samples_per_step": 2 * len(chosen),
-               "calibrated_timesteps": timesteps, "scheduler": settings.scheduler,
-               "steps": settings.steps, "every": settings.every, "guidance": settings.guidance,
+    summary = {"calibrated_timesteps": timesteps, "scheduler": settings.scheduler,
+               "steps": settings.steps, "every": settings.every, "eta": settings.eta,
                "seconds": round(seconds, 1), "cache_dir": str(cache_dir)}
+    if chosen is not None:
+        summary.update(prompts=len(chosen), samples_per_step=2 * len(chosen),
+                       guidance=settings.guidance)
+    else:
+        summary.update(images=settings.num_prompts, samples_per_step=settings.num_prompts)
     return stats, summary
 
 
@@ -160,8 +175,9 @@ def replay_statistics(unet, cache_dir: Path, timesteps: list[int], batches: int,
     with recording(unet, stats, lambda: state["step"]), torch.no_grad():
         for call in tqdm(calls, desc="statistics from cached inputs", disable=not progress):
             state["step"] = step_of[int(round(float(call["timestep"][0])))]
-            unet(torch.from_numpy(call["sample"]), torch.from_numpy(call["timestep"]),
-                 torch.from_numpy(call["encoder_hidden_states"]))
+            text = [torch.from_numpy(call["encoder_hidden_states"])] \
+                if "encoder_hidden_states" in call else []
+            unet(torch.from_numpy(call["sample"]), torch.from_numpy(call["timestep"]), *text)
     return stats
 
 
@@ -178,14 +194,15 @@ class TrajectoryRecorder:
         self.samples: list[np.ndarray] = []
         self.timesteps: list[float] = []
 
-    def __call__(self, sample: np.ndarray, t: float, embeddings: np.ndarray) -> np.ndarray:
+    def __call__(self, sample: np.ndarray, t: float, embeddings: np.ndarray | None) -> np.ndarray:
         import torch
 
         self.step = self.step_of.get(int(round(t)))
         if self.step is not None:
             self.samples.append(sample)
             self.timesteps.append(t)
-        out = self.unet(torch.from_numpy(sample), torch.tensor(t), torch.from_numpy(embeddings))
+        text = () if embeddings is None else (torch.from_numpy(embeddings),)
+        out = self.unet(torch.from_numpy(sample), torch.tensor(t), *text)
         self.step = None
         return out.sample.numpy()
 
@@ -200,27 +217,31 @@ def _encode(components, prompts: list[str]) -> np.ndarray:
         return components.text_encoder(ids)[0].numpy()
 
 
-def _save_inputs(path: Path, recorder: TrajectoryRecorder, embeddings: np.ndarray) -> None:
+def _save_inputs(path: Path, recorder: TrajectoryRecorder, embeddings: np.ndarray | None) -> None:
     """The UNet inputs of one batch at its calibrated steps (for NNCF and fidelity checks)."""
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    save_file({"sample": np.stack(recorder.samples).astype(np.float32),
-               "timestep": np.asarray(recorder.timesteps, dtype=np.float32),
-               "encoder_hidden_states": embeddings.astype(np.float32)}, str(tmp))
+    tensors = {"sample": np.stack(recorder.samples).astype(np.float32),
+               "timestep": np.asarray(recorder.timesteps, dtype=np.float32)}
+    if embeddings is not None:
+        tensors["encoder_hidden_states"] = embeddings.astype(np.float32)
+    save_file(tensors, str(tmp))
     tmp.replace(path)
 
 
 def load_inputs(cache_dir: Path, batches: int | None = None) -> list[dict[str, np.ndarray]]:
-    """Every cached UNet input (of the first ``batches`` batches) as one dict per call
-    (sample, timestep, encoder_hidden_states)."""
+    """Every cached UNet input (of the first ``batches`` batches) as one dict per call:
+    sample, timestep and, for a text-to-image model, encoder_hidden_states (the graph's
+    input names)."""
     from safetensors.numpy import load_file
 
     calls = []
     for path in sorted((Path(cache_dir) / "inputs").glob("batch-*.safetensors"))[:batches]:
         data = load_file(str(path))
+        text = {k: v for k, v in data.items() if k == "encoder_hidden_states"}
         for sample, t in zip(data["sample"], data["timestep"]):
             calls.append({"sample": sample, "timestep": np.full(len(sample), t, np.float32),
-                          "encoder_hidden_states": data["encoder_hidden_states"]})
+                          **text})
     return calls

@@ -1,4 +1,7 @@
-"""``dq-generate DIR --prompt ...``: images from an export folder, with OpenVINO on the CPU."""
+"""``dq-generate DIR [--prompt ...]``: images from an export folder, with OpenVINO on the CPU.
+
+Text-to-image exports need ``--prompt``; unconditional ones (DDPM/DDIM, LDM) take none and
+draw ``--num-images``. Steps, sampler and eta default to the export's model's."""
 
 from __future__ import annotations
 
@@ -16,13 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dq-generate",
                                 description="Generate images from a dq-export folder.")
     p.add_argument("export_dir", type=Path, help="folder written by dq-export")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="text prompt; repeat for a batch of prompts")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="text prompt; repeat for a batch of prompts (text-to-image exports)")
     p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--scheduler", default="pndm", help=f"one of {', '.join(SCHEDULERS)}")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--num-images", type=int, default=1,
+                   help="images to draw from an unconditional export (one batch)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the model's: 50 for SD, 100 for ddpm-cifar10, "
+                        "200 for ldm-celebahq-256)")
+    p.add_argument("--scheduler", default=None,
+                   help=f"one of {', '.join(SCHEDULERS)} (default: the model's, pndm for SD, "
+                        "ddim for the unconditional models)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale (text-to-image; default 7.5)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta: 0 deterministic, 1 as DDPM (default: the model's, 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("outputs/image.png"),
                    help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")
@@ -46,12 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from deploy.pipeline import Pipeline
 
-        pipeline = Pipeline.load(args.export_dir, batch_size=len(args.prompt),
+        batch = len(args.prompt) if args.prompt else args.num_images
+        pipeline = Pipeline.load(args.export_dir, batch_size=max(batch, 1),
                                  verify=not args.no_verify)
         result = pipeline.generate(args.prompt, negative_prompt=args.negative_prompt,
                                    steps=args.steps, scheduler=args.scheduler,
                                    guidance=args.guidance, seed=args.seed, eta=args.eta,
-                                   progress=True)
+                                   num_images=args.num_images, progress=True)
     except UserError as e:
         print(f"dq-generate: error: {e}", file=sys.stderr)
         return e.exit_code

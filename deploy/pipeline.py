@@ -1,5 +1,9 @@
 """deploy.Pipeline: an export folder -> images, with OpenVINO on the CPU.
 
+Text-to-image exports (text encoder, UNet, VAE decoder) take prompts; unconditional ones
+(pixel-space DDPM/DDIM: the UNet alone; latent diffusion: UNet and VQ or KL decoder) take
+none and draw ``num_images`` images.
+
 Load once, generate many. ``generate`` holds a lock, so one Pipeline may be shared between
 threads; calls run one at a time. For parallel requests give each worker thread a
 ``sibling()``: the same compiled models (one copy of the weights), its own infer requests.
@@ -30,11 +34,13 @@ DEFAULT_OV_CONFIG = {
     "PERFORMANCE_HINT": "LATENCY",
 }
 MAX_GUIDANCE = 50.0
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_SAMPLING = {"scheduler": "pndm", "steps": 50, "eta": 0.0}
 
 
 @dataclass
 class GenerationResult:
-    images: list  # PIL images, one per prompt
+    images: list  # PIL images, one per prompt (unconditional: num_images of them)
     step_seconds: list[float]  # wall time of each sampler step (UNet call + scheduler update)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per component and total
     seed: int = 0
@@ -62,15 +68,22 @@ class StepTable:
 
 
 class Pipeline:
-    """Text encoder, UNet and VAE decoder of one export, compiled with static shapes."""
+    """The components of one export (text encoder, UNet, decoder: those it has), compiled
+    with static shapes."""
 
     def __init__(self, root: Path, manifest: dict, device: str, ov_config: dict,
                  batch_size: int):
-        from transformers import CLIPTokenizer
-
         self.root, self.manifest, self.device = root, manifest, device
         self.ov_config = ov_config
-        self.tokenizer = CLIPTokenizer.from_pretrained(root / manifest["tokenizer"])
+        self.conditional = "text_encoder" in manifest["components"]
+        self.tokenizer = None
+        if self.conditional:
+            from transformers import CLIPTokenizer
+
+            self.tokenizer = CLIPTokenizer.from_pretrained(root / manifest["tokenizer"])
+        # generate()'s defaults: the sampling the export's model is meant for (exports made
+        # before the manifest recorded it are Stable Diffusion's: PNDM, 50 steps)
+        self.defaults = {**DEFAULT_SAMPLING, **manifest.get("sampling", {})}
         self._lock = threading.Lock()
         quantization = manifest.get("quantization", {})
         self.steps = StepTable.from_manifest(quantization) if "timesteps" in quantization else None
@@ -94,19 +107,21 @@ class Pipeline:
         return self.manifest["image"]["height"], self.manifest["image"]["width"]
 
     def _compile(self, batch_size: int) -> None:
-        """Compile every component for ``batch_size`` prompts (the UNet sees 2x: guidance)."""
+        """Compile every component for ``batch_size`` images (a guided UNet sees 2x)."""
         import openvino as ov
 
-        image, text = self.manifest["image"], self.manifest["text"]
+        image = self.manifest["image"]
         latent = (image["latent_channels"], image["height"] // image["vae_scale_factor"],
                   image["width"] // image["vae_scale_factor"])
-        tokens = text["max_length"]
-        shapes = {
-            "text_encoder": {"input_ids": [batch_size, tokens]},
-            "unet": {"sample": [2 * batch_size, *latent], "timestep": [2 * batch_size],
-                     "encoder_hidden_states": [2 * batch_size, tokens, text["hidden_size"]]},
-            "vae_decoder": {"latents": [batch_size, *latent]},
-        }
+        rows = 2 * batch_size if self.conditional else batch_size
+        shapes = {"unet": {"sample": [rows, *latent], "timestep": [rows]}}
+        if self.conditional:
+            text = self.manifest["text"]
+            shapes = {"text_encoder": {"input_ids": [batch_size, text["max_length"]]}, **shapes}
+            shapes["unet"]["encoder_hidden_states"] = [rows, text["max_length"],
+                                                       text["hidden_size"]]
+        if "vae_decoder" in self.manifest["components"]:
+            shapes["vae_decoder"] = {"latents": [batch_size, *latent]}
         core = ov.Core()
         self._compiled = {}  # a new dict: siblings keep the models they were made with
         for name, shape in shapes.items():
@@ -115,7 +130,7 @@ class Pipeline:
             self._compiled[name] = core.compile_model(model, self.device, self.ov_config)
         self._requests = self._new_requests()
         self.batch_size = batch_size
-        self.latent_shape = (batch_size, *latent)  # x_T of one batch of prompts
+        self.latent_shape = (batch_size, *latent)  # x_T of one batch of images
 
     @property
     def optimal_requests(self) -> int:
@@ -133,7 +148,7 @@ class Pipeline:
         models of its own."""
         self._family["siblings"] += 1
         twin = copy.copy(self)
-        twin.tokenizer = copy.deepcopy(self.tokenizer)
+        twin.tokenizer = copy.deepcopy(self.tokenizer)  # None for an unconditional export
         twin._lock = threading.Lock()
         twin._requests = twin._new_requests()
         return twin
@@ -153,12 +168,14 @@ class Pipeline:
             self._compiled[name].release_memory()
 
     def predict_noise(self, sample: np.ndarray, timestep: float,
-                      embeddings: np.ndarray) -> np.ndarray:
-        """One UNet call (the sampler's and the benchmarks'). A quantized UNet also reads the
-        calibrated step's index, which selects its group's scales: one compiled graph
-        serves every group. Not locked: use ``generate`` from several threads."""
-        inputs = {"sample": sample, "timestep": np.full(len(sample), timestep, dtype=np.float32),
-                  "encoder_hidden_states": embeddings}
+                      embeddings: np.ndarray | None = None) -> np.ndarray:
+        """One UNet call (the sampler's and the benchmarks'); ``embeddings`` only for a
+        text-to-image export. A quantized UNet also reads the calibrated step's index, which
+        selects its group's scales: one compiled graph serves every group. Not locked: use
+        ``generate`` from several threads."""
+        inputs = {"sample": sample, "timestep": np.full(len(sample), timestep, dtype=np.float32)}
+        if embeddings is not None:
+            inputs["encoder_hidden_states"] = embeddings
         if self.steps is not None and self.steps.step_input:
             step_index, _ = self.steps.lookup(timestep)
             inputs[self.steps.step_input] = np.asarray(step_index, dtype=np.int64)
@@ -176,37 +193,61 @@ class Pipeline:
                              truncation=True, return_tensors="np").input_ids
         return self._run("text_encoder", {"input_ids": ids.astype(np.int64)})
 
-    def generate(self, prompt: str | list[str], *, negative_prompt: str | list[str] | None = None,
-                 steps: int = 50, scheduler: str = "pndm", guidance: float = 7.5, seed: int = 0,
-                 eta: float = 0.0, progress: bool = False) -> GenerationResult:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = _negatives(negative_prompt, len(prompts))
-        _check_settings(prompts, steps, guidance, self.manifest["scheduler"])
+    def generate(self, prompt: str | list[str] | None = None, *,
+                 negative_prompt: str | list[str] | None = None, steps: int | None = None,
+                 scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
+                 eta: float | None = None, num_images: int = 1,
+                 progress: bool = False) -> GenerationResult:
+        """Images for ``prompt`` (one per prompt), or ``num_images`` unconditional images.
+        ``steps``, ``scheduler`` and ``eta`` default to the export's model's (the manifest's
+        ``sampling``); ``guidance`` to 7.5 for text-to-image."""
+        steps = self.defaults["steps"] if steps is None else steps
+        scheduler = scheduler_name(scheduler or self.defaults["scheduler"])
+        eta = self.defaults["eta"] if eta is None else eta
+        if self.conditional:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+            negatives = _negatives(negative_prompt, len(prompts))
+            guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+            _check_text_settings(prompts, guidance, num_images)
+            batch = len(prompts)
+        else:
+            _check_unconditional_settings(self.manifest["model"]["name"], prompt,
+                                          negative_prompt, guidance, num_images)
+            prompts = negatives = None
+            batch = num_images
+        _check_settings(steps, eta, self.manifest["scheduler"])
         with self._lock:
-            if len(prompts) != self.batch_size:
-                self._compile(len(prompts))
-            return self._sample(prompts, negatives, steps, scheduler_name(scheduler),
-                                guidance, seed, eta, progress)
+            if batch != self.batch_size:
+                self._compile(batch)
+            return self._sample(prompts, negatives, steps, scheduler, guidance, seed, eta,
+                                progress)
 
     def _sample(self, prompts, negatives, steps, scheduler, guidance, seed, eta, progress):
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        # 1. Text embeddings, unconditional first: [uncond; cond] as in classifier-free guidance.
-        embeddings = np.concatenate([self.encode_prompts(negatives), self.encode_prompts(prompts)])
-        timings["text_encoder"] = time.perf_counter() - start
+        embeddings = None
+        if prompts is not None:
+            # 1. Text embeddings, unconditional first: [uncond; cond] for classifier-free guidance.
+            embeddings = np.concatenate([self.encode_prompts(negatives),
+                                         self.encode_prompts(prompts)])
+            timings["text_encoder"] = time.perf_counter() - start
 
-        # 2. Initial noise x_T from the seed, then one guided UNet call per sampler step.
+        # 2. Initial noise x_T from the seed, then one UNet call per sampler step (guided for
+        #    text-to-image).
         latents, step_seconds = run_sampler(self.predict_noise, embeddings, scheduler,
                                             self.manifest["scheduler"], steps, self.latent_shape,
                                             seed, guidance, eta, progress)
         timings["unet_loop"] = sum(step_seconds)
         self._release("unet")
 
-        # 3. Decode latents to pixels in [-1, 1], then to 8-bit images.
-        decode_start = time.perf_counter()
-        pixels = self._run("vae_decoder", {"latents": latents.astype(np.float32)})
-        timings["vae_decoder"] = time.perf_counter() - decode_start
-        self._release("vae_decoder")
+        # 3. Decode latents to pixels in [-1, 1] (a pixel-space model has sampled pixels
+        #    already), then to 8-bit images.
+        pixels = latents
+        if "vae_decoder" in self._compiled:
+            decode_start = time.perf_counter()
+            pixels = self._run("vae_decoder", {"latents": latents.astype(np.float32)})
+            timings["vae_decoder"] = time.perf_counter() - decode_start
+            self._release("vae_decoder")
         timings["total"] = time.perf_counter() - start
         return GenerationResult(to_pil(pixels), step_seconds, timings, seed, scheduler, steps)
 
@@ -230,13 +271,31 @@ def _negatives(negative_prompt, batch: int) -> list[str]:
     return list(negative_prompt)
 
 
-def _check_settings(prompts: list[str], steps: int, guidance: float, scheduler_config: dict):
+def _check_text_settings(prompts: list[str], guidance: float, num_images: int) -> None:
     if not prompts:
         raise UserError("no prompt given: pass at least one prompt")
+    if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
+        raise UserError(f"guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
+    if num_images != 1:
+        raise UserError("num_images is for unconditional exports: give one prompt per image")
+
+
+def _check_unconditional_settings(model: str, prompt, negative_prompt, guidance,
+                                  num_images) -> None:
+    given = [name for name, value in (("the prompt", prompt),
+                                      ("the negative prompt", negative_prompt),
+                                      ("guidance", guidance)) if value is not None]
+    if given:
+        raise UserError(f"this export of {model} is unconditional and takes no prompt: drop "
+                        f"{' and '.join(given)}")
+    if not isinstance(num_images, int) or num_images < 1:
+        raise UserError(f"num_images must be a positive integer, got {num_images!r}")
+
+
+def _check_settings(steps: int, eta: float, scheduler_config: dict) -> None:
     train_steps = scheduler_config.get("num_train_timesteps", 1000)
     if not isinstance(steps, int) or not 1 <= steps <= train_steps:
         raise UserError(f"steps must be an integer in [1, {train_steps}], got {steps!r}")
-    if not math.isfinite(guidance) or not 0 <= guidance <= MAX_GUIDANCE:
-        raise UserError(f"guidance must be in [0, {MAX_GUIDANCE:g}], got {guidance!r}")
-
-
+    if not 0 <= eta <= 1:  # above 1 the square root in DDIM's direction term can go negative
+        raise UserError(f"eta must be in [0, 1] (DDIM: 0 deterministic, 1 DDPM-like), "
+                        f"got {eta!r}")

@@ -20,13 +20,17 @@ import numpy as np
 from dq_export.errors import UserError
 
 PREDICTIONS = ("epsilon", "v_prediction")
-# diffusers features these samplers do not implement, with the value that means "off"
-NOT_IMPLEMENTED = {"thresholding": False, "rescale_betas_zero_snr": False,
-                   "use_karras_sigmas": False, "use_exponential_sigmas": False,
-                   "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False,
-                   "variance_type": None, "timestep_type": "discrete",
-                   "interpolation_type": "linear", "lambda_min_clipped": -math.inf,
-                   "euler_at_final": False}
+# diffusers features these samplers do not implement, with the values that leave them off
+# (DDPM's fixed variances are its own ancestral sampler's: DDIM, PNDM, DPM-Solver and Euler
+# ignore them, as diffusers' do; a learned variance would mean twice the output channels)
+NOT_IMPLEMENTED = {"thresholding": (False,), "rescale_betas_zero_snr": (False,),
+                   "use_karras_sigmas": (False,), "use_exponential_sigmas": (False,),
+                   "use_beta_sigmas": (False,), "use_lu_lambdas": (False,),
+                   "use_flow_sigmas": (False,),
+                   "variance_type": (None, "fixed_small", "fixed_small_log", "fixed_large",
+                                     "fixed_large_log"),
+                   "timestep_type": ("discrete",), "interpolation_type": ("linear",),
+                   "lambda_min_clipped": (-math.inf,), "euler_at_final": (False,)}
 SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02,
             "beta_schedule": "linear", "trained_betas": None, "prediction_type": "epsilon",
             "steps_offset": 0}
@@ -75,7 +79,7 @@ class Sampler:
         own = {**SCHEDULE, **self.DEFAULTS}
         self.config = {**own, **{k: v for k, v in config.items() if k in own}, **overrides}
         for key, off in NOT_IMPLEMENTED.items():
-            if config.get(key, off) != off:
+            if config.get(key, off[0]) not in off:
                 raise UserError(f"the scheduler config sets {key}={config[key]!r}, which "
                                 "dq-export's samplers do not implement: remove it from the "
                                 "export's scheduler config")

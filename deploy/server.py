@@ -92,7 +92,16 @@ class _Instrument:
             self.metrics.latency.observe(time.perf_counter() - start, endpoint=endpoint)
 
 
+def check_servable(pipeline: Pipeline) -> None:
+    """The API (OpenAI images, /generate) is prompts in, images out: text-to-image exports."""
+    if not pipeline.conditional:
+        raise UserError(f"{pipeline.manifest['model']['name']} is an unconditional export and "
+                        "dq-serve serves text-to-image ones (its requests carry a prompt): draw "
+                        "its images with dq-generate or deploy.Pipeline")
+
+
 def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> FastAPI:
+    check_servable(pipeline)
     settings = settings or ServerSettings()
     queue = GenerationQueue(settings.max_queue, settings.timeout)
     metrics = _Metrics(queue)

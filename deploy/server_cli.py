@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from deploy.pipeline import Pipeline
+        from deploy.server import check_servable
 
         pipeline = Pipeline.load(args.export_dir, verify=not args.no_verify)
+        check_servable(pipeline)
         pipeline.generate("warm-up", steps=1)  # first call imports the sampler stack
     except UserError as e:
         print(f"dq-serve: error: {e}", file=sys.stderr)

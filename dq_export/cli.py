@@ -57,15 +57,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: int8 for integer --bits, fp32 otherwise)")
     c = p.add_argument_group("calibration (the deployment the scales are fitted for)")
     c.add_argument("--prompts", type=Path, default=None,
-                   help="prompt file, one a line (default: calibration/prompts.txt)")
+                   help="prompt file, one a line (default: calibration/prompts.txt; "
+                        "text-to-image models only)")
     c.add_argument("--calib-scheduler", default=d.calib_scheduler,
-                   help="sampler to calibrate for: pndm, ddim, dpm++, euler (default pndm)")
+                   help="sampler to calibrate for: pndm, ddim, dpm++, euler (default: the "
+                        "model's, pndm for SD, ddim for the unconditional models)")
     c.add_argument("--calib-steps", type=int, default=d.calib_steps,
-                   help=f"sampler steps to calibrate for (default {d.calib_steps})")
+                   help="sampler steps to calibrate for (default: the model's: 50 for SD, "
+                        "100 for ddpm-cifar10, 200 for ldm-celebahq-256)")
+    c.add_argument("--calib-eta", type=float, default=d.calib_eta,
+                   help="DDIM eta of the calibration trajectories (default: the model's, 0)")
     c.add_argument("--calib-prompts", type=int, default=d.calib_prompts,
-                   help="n: prompts used (default: 16 for tiny-sd, 2 for the SD models)")
+                   help="n: prompts used, or sampled images for an unconditional model "
+                        "(default: the model's: 16 for tiny-sd, 2 for the SD models, 16 "
+                        "images for ddpm-cifar10, 2 for ldm-celebahq-256)")
     c.add_argument("--calib-every", type=int, default=d.calib_every,
-                   help="c: record every c-th step (default 1)")
+                   help="c: record every c-th step (default: the model's: 1 for SD, 5 for "
+                        "ddpm-cifar10, 10 for ldm-celebahq-256)")
     c.add_argument("--calib-batch", type=int, default=d.calib_batch,
                    help="prompts per FP32 pipeline run")
     c.add_argument("--calibration-dir", type=Path, default=None,
@@ -81,7 +89,8 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                   target_cpu=args.target_cpu,
                   text_encoder_weights=args.text_encoder_weights,
                   calib_scheduler=args.calib_scheduler,
-                  calib_steps=args.calib_steps, calib_prompts=args.calib_prompts,
+                  calib_steps=args.calib_steps, calib_eta=args.calib_eta,
+                  calib_prompts=args.calib_prompts,
                   calib_every=args.calib_every, calib_batch=args.calib_batch).check()
 
 

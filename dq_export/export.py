@@ -22,11 +22,11 @@ from pathlib import Path
 from calibration.collect import read_prompts
 from dq_export import __version__
 from dq_export.errors import UserError
-from dq_export.loading import check_model_arg
+from dq_export.layout import Layout
+from dq_export.loading import model_layout
 from dq_export.recipe import Recipe
-from dq_export.registry import default_calib_prompts
+from dq_export.registry import model_defaults
 
-COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 TARGET_CPU_FILE = "target_cpu.json"
 
 
@@ -88,18 +88,19 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
            calibration_dir: Path | None = None) -> dict:
     """Run the whole export and return the manifest written to ``out``."""
     recipe.check()
+    layout = model_layout(model)  # an unknown model fails here, before any heavy work
     if prompts is not None:
+        if not layout.conditional:
+            raise UserError(f"{model} is an unconditional model: it takes no --prompts")
         read_prompts(prompts)  # fail now, not after loading the model
-    check_model_arg(model)
-    recipe = replace(recipe, calib_prompts=recipe.calib_prompts or default_calib_prompts(model),
-                     text_encoder_weights="int8" if recipe.text_encoder_int8 else "fp32")
+    recipe = with_model_defaults(recipe, model, layout.conditional)
     out = Path(out)
     prepare_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        manifest = _export_into(model, partial, recipe, init, prompts, calibration_dir)
+        manifest = _export_into(model, layout, partial, recipe, init, prompts, calibration_dir)
         _replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -107,8 +108,23 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     return manifest
 
 
-def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Path | None,
-                 calibration_dir: Path | None) -> dict:
+def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe:
+    """The recipe with what it leaves open filled in from the model: the papers' sampler,
+    steps and eta to calibrate for, the calibration size, the text encoder's weights."""
+    spec = model_defaults(model)
+    if not conditional and recipe.text_encoder_weights is not None:
+        raise UserError(f"{model} has no text encoder: drop --text-encoder-weights")
+    return replace(recipe, calib_prompts=recipe.calib_prompts or spec.calib_prompts,
+                   calib_scheduler=recipe.calib_scheduler or spec.sampler,
+                   calib_steps=recipe.calib_steps or spec.steps,
+                   calib_every=recipe.calib_every or spec.calib_every,
+                   calib_eta=spec.eta if recipe.calib_eta is None else recipe.calib_eta,
+                   text_encoder_weights=(("int8" if recipe.text_encoder_int8 else "fp32")
+                                         if conditional else None))
+
+
+def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: str,
+                 prompts: Path | None, calibration_dir: Path | None) -> dict:
     from calibration.collect import collect, load_inputs
     from calibration.fit import fit
     from dq_export.loading import load_components
@@ -121,19 +137,21 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
 
     calibrates = recipe.activations_quantized
     fits = calibrates and recipe.method == "dq"
-    stage = StageLog(total=2 + 2 * len(COMPONENTS) + calibrates + fits + recipe.quantized
+    parts = 1 + layout.conditional + (layout.decoder is not None)
+    stage = StageLog(total=2 + 2 * parts + calibrates + fits + recipe.quantized
                      + (recipe.target_cpu == "auto"))
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
     size = recipe.image_size or components.image_size
-    vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
+    vae_factor = components.vae_factor
     if size % vae_factor:
         raise UserError(f"image size {size} is not a multiple of the VAE factor {vae_factor}")
     params = summary = None
     if calibrates:
         with stage("calibration: FP32 trajectories and per-step statistics"):
             stats, summary = collect(components, calibration_settings(recipe),
-                                     read_prompts(prompts), size, calibration_dir)
+                                     read_prompts(prompts) if components.conditional else None,
+                                     size, calibration_dir)
     if fits:
         with stage("fit activation scales per group"):
             params = fit(stats, summary["calibrated_timesteps"], recipe.groups,
@@ -177,25 +195,32 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
             _remove_graph(fp32_xml)
             ir_paths["unet"] = nncf_xml
     with stage("tokenizer, hashes and manifest"):
-        components.tokenizer.save_pretrained(root / "tokenizer")
+        spec = model_defaults(model)
         body = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "model": components.source,
+            "task": "text-to-image" if components.conditional else "unconditional",
             "recipe": recipe.to_dict(),
             "image": {"height": size, "width": size, "vae_scale_factor": vae_factor,
-                      "latent_channels": components.vae.config.latent_channels},
-            "text": {"max_length": components.tokenizer.model_max_length,
-                     "hidden_size": components.text_encoder.config.hidden_size},
+                      "latent_channels": components.latent_channels},
             "scheduler": components.scheduler_config,
-            "tokenizer": "tokenizer",
+            # dq-generate's defaults: the sampling the model's papers use
+            "sampling": {"scheduler": spec.sampler, "steps": spec.steps, "eta": spec.eta},
             "components": {name: _component_entry(unet_onnx if name == "unet" else
                                                    [onnx_paths[name]], ir_paths[name], root)
-                           for name in COMPONENTS},
+                           for name in onnx_paths},
             "versions": versions(),
             "export_stats": {"stage_seconds": stage.seconds, "peak_rss_mb": peak_rss_mb(),
                              "machine": platform.machine(), "cpu_count": os.cpu_count()},
         }
-        if recipe.text_encoder_int8:  # the IR's weights; the ONNX graph stays float
+        if components.conditional:
+            components.tokenizer.save_pretrained(root / "tokenizer")
+            body.update(tokenizer="tokenizer", text={
+                "max_length": components.tokenizer.model_max_length,
+                "hidden_size": components.text_encoder.config.hidden_size})
+        if components.vae is not None:
+            body["components"]["vae_decoder"]["autoencoder"] = type(components.vae).__name__
+        if recipe.text_encoder_int8 and components.conditional:  # the IR's weights only
             body["components"]["text_encoder"]["openvino_weights"] = INT8_WEIGHTS
         if recipe.quantized:
             body["quantization"] = quantization_manifest(recipe, params, summary, nncf_settings)
@@ -213,13 +238,12 @@ def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe,
                         latent_size: int) -> dict:
     """``--target-cpu auto``: time every layer in int8 and in FP32 on this machine."""
     from calibration.layers import attention_modules, quantized_layers
+    from dq_export.onnx_export import unet_example, unet_input_names
     from dq_export.quantize_unet import write_shared_graph
     from dq_export.target_cpu import choose_float_layers
 
-    tokens = components.tokenizer.model_max_length
-    shapes = {"sample": [2, components.unet.config.in_channels, latent_size, latent_size],
-              "timestep": [2],
-              "encoder_hidden_states": [2, tokens, components.text_encoder.config.hidden_size]}
+    shapes = {name: list(example.shape) for name, example in
+              zip(unet_input_names(components), unet_example(components, latent_size))}
     int8_unet = write_shared_graph(fp32_unet, root / "unet_profile.onnx", components.unet,
                                    recipe, params)
     try:

@@ -1,12 +1,15 @@
-"""torch -> ONNX for the three exported components, with names the runtime relies on.
+"""torch -> ONNX for the exported components, with names the runtime relies on.
 
 Each component gets a thin wrapper whose inputs and outputs are plain tensors, so the graph
 interface is fixed here and nowhere else:
 
-- text_encoder: ``input_ids`` int64 [batch, tokens] -> ``last_hidden_state``
-- unet: ``sample`` [batch, C, h, w], ``timestep`` float32 [batch], ``encoder_hidden_states``
-  [batch, tokens, dim] -> ``noise_pred`` (the model output: epsilon or v)
-- vae_decoder: ``latents`` (as the scheduler holds them, unscaled) -> ``image`` in [-1, 1]
+- text_encoder (text-to-image only): ``input_ids`` int64 [batch, tokens] -> ``last_hidden_state``
+- unet: ``sample`` [batch, C, h, w], ``timestep`` float32 [batch] and, text-to-image only,
+  ``encoder_hidden_states`` [batch, tokens, dim] -> ``noise_pred`` (the model output: epsilon
+  or v)
+- vae_decoder (latent diffusion only): ``latents`` (as the scheduler holds them) -> ``image``
+  in [-1, 1]; a VQ autoencoder's decoder snaps them to its codebook first, as LDMPipeline's
+  ``vqvae.decode`` does
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ class UNetGraph(torch.nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, sample, timestep, encoder_hidden_states):
-        return self.unet(sample, timestep, encoder_hidden_states, return_dict=False)[0]
+    def forward(self, sample, timestep, *encoder_hidden_states):
+        return self.unet(sample, timestep, *encoder_hidden_states, return_dict=False)[0]
 
 
 class TextEncoderGraph(torch.nn.Module):
@@ -42,23 +45,29 @@ class TextEncoderGraph(torch.nn.Module):
 class VaeDecoderGraph(torch.nn.Module):
     """Decoder with the latent scaling folded in, so the runtime needs no VAE constants."""
 
-    def __init__(self, vae):
+    def __init__(self, vae, latent_scaling: float):
         super().__init__()
         self.vae = vae
-        self.scaling_factor = float(vae.config.scaling_factor)
+        self.latent_scaling = float(latent_scaling)
 
     def forward(self, latents):
-        return self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+        return self.vae.decode(latents / self.latent_scaling, return_dict=False)[0]
 
 
-def unet_example(unet, text_encoder, latent_size: int, batch: int = 2) -> tuple:
-    """Example inputs for tracing the UNet: batch 2 is one classifier-free-guidance call."""
-    cfg = text_encoder.config
-    return (
-        torch.randn(batch, unet.config.in_channels, latent_size, latent_size),
-        torch.full((batch,), 999.0),
-        torch.randn(batch, cfg.max_position_embeddings, cfg.hidden_size),
-    )
+def unet_input_names(components) -> list[str]:
+    return ["sample", "timestep"] + (["encoder_hidden_states"] if components.conditional else [])
+
+
+def unet_example(components, latent_size: int, batch: int | None = None) -> tuple:
+    """Example UNet inputs: by default one sampler step of one image, which is batch 2 for a
+    text-to-image model (classifier-free guidance) and batch 1 for an unconditional one."""
+    batch = batch or (2 if components.conditional else 1)
+    inputs = (torch.randn(batch, components.latent_channels, latent_size, latent_size),
+              torch.full((batch,), 999.0))
+    if components.conditional:
+        cfg = components.text_encoder.config
+        inputs += (torch.randn(batch, cfg.max_position_embeddings, cfg.hidden_size),)
+    return inputs
 
 
 def export_onnx(module: torch.nn.Module, example: tuple, path: Path, input_names: list[str],
@@ -105,18 +114,20 @@ def save_with_external_data(model, path: Path, location: str) -> None:
 
 
 def export_components(components, out_dir: Path, latent_size: int, opset: int, stage) -> dict:
-    """Export text encoder, UNet and VAE decoder; return {component: onnx path}."""
-    te, unet, vae = components.text_encoder, components.unet, components.vae
-    tokens = te.config.max_position_embeddings
-    jobs = {
-        "text_encoder": (TextEncoderGraph(te), (torch.zeros(1, tokens, dtype=torch.int64),),
-                         ["input_ids"], "last_hidden_state"),
-        "unet": (UNetGraph(unet), unet_example(unet, te, latent_size),
-                 ["sample", "timestep", "encoder_hidden_states"], "noise_pred"),
-        "vae_decoder": (VaeDecoderGraph(vae),
-                        (torch.randn(1, vae.config.latent_channels, latent_size, latent_size),),
-                        ["latents"], "image"),
-    }
+    """Export the components the model has; return {component: onnx path}."""
+    unet, vae = components.unet, components.vae
+    jobs = {}
+    if components.conditional:
+        tokens = components.text_encoder.config.max_position_embeddings
+        jobs["text_encoder"] = (TextEncoderGraph(components.text_encoder),
+                                (torch.zeros(1, tokens, dtype=torch.int64),), ["input_ids"],
+                                "last_hidden_state")
+    jobs["unet"] = (UNetGraph(unet), unet_example(components, latent_size),
+                    unet_input_names(components), "noise_pred")
+    if vae is not None:
+        jobs["vae_decoder"] = (VaeDecoderGraph(vae, components.latent_scaling),
+                               (torch.randn(1, components.latent_channels, latent_size,
+                                            latent_size),), ["latents"], "image")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, (module, example, inputs, output) in jobs.items():

@@ -27,7 +27,8 @@ OPENVINO_FORM = "shared_scales"
 def calibration_settings(recipe) -> CalibrationSettings:
     return CalibrationSettings(scheduler=recipe.calib_scheduler, steps=recipe.calib_steps,
                                num_prompts=recipe.calib_prompts, every=recipe.calib_every,
-                               batch_size=recipe.calib_batch, seed=recipe.seed)
+                               batch_size=recipe.calib_batch, seed=recipe.seed,
+                               eta=recipe.calib_eta)
 
 
 def weight_bits(unet, bits: str) -> dict[str, int]:

@@ -42,11 +42,13 @@ class Recipe:
     attention: str = "qkv"  # what of attention's Q.K^T and A.V is int8 (ATTENTIONS)
     target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
     text_encoder_weights: str | None = None  # None: int8 for integer recipes, else fp32
-    # calibration: the deployment the scales are fitted for
-    calib_scheduler: str = "pndm"
-    calib_steps: int = 50
-    calib_prompts: int | None = None  # None: the model's default (see the registry)
-    calib_every: int = 1
+    # calibration: the deployment the scales are fitted for; None: the model's default (the
+    # registry's sampling and calibration size; PNDM 50 at every step for a folder)
+    calib_scheduler: str | None = None
+    calib_steps: int | None = None
+    calib_prompts: int | None = None  # prompts, or sampled images for an unconditional model
+    calib_every: int | None = None
+    calib_eta: float | None = None  # DDIM's eta along the calibration trajectories
     calib_batch: int = 4
     version: int = RECIPE_VERSION
 
@@ -86,16 +88,18 @@ class Recipe:
         """Validate every field; a UserError names the field and the valid values."""
         choices = {"bits": BITS, "method": METHODS, "estimator": ESTIMATORS,
                    "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS,
-                   "target_cpu": TARGET_CPUS, "attention": ATTENTIONS}
-        if self.text_encoder_weights is not None:
-            choices["text_encoder_weights"] = TEXT_ENCODER_WEIGHTS
+                   "target_cpu": TARGET_CPUS, "text_encoder_weights": TEXT_ENCODER_WEIGHTS,
+                   "attention": ATTENTIONS}
         for name, valid in choices.items():
-            if getattr(self, name) not in valid:
+            optional = name in ("calib_scheduler", "text_encoder_weights")
+            if getattr(self, name) not in valid and not (optional and getattr(self, name) is None):
                 raise UserError(f"{name} {getattr(self, name)!r} is not valid: use one of "
                                 f"{', '.join(valid)}")
         for name in ("groups", "calib_steps", "calib_prompts", "calib_every", "calib_batch"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.calib_eta is not None and not 0 <= self.calib_eta <= 1:
+            raise UserError(f"calib_eta must be in [0, 1], got {self.calib_eta}")
         if self.method == "nncf" and self.bits != "w8a8":
             raise UserError("--method nncf exports W8A8 only (OpenVINO's own post-training "
                             "quantization): use --bits w8a8")

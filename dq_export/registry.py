@@ -11,10 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dq_export.errors import UserError
+from dq_export.layout import read_layout
 
 MODELS_DIR = Path(__file__).parent / "models"
-COMPONENT_FOLDERS = ("unet", "text_encoder", "vae", "tokenizer", "scheduler")
-WEIGHT_FOLDERS = ("unet", "text_encoder", "vae")
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,14 @@ class ModelSpec:
     image_size: int
     description: str
     embedded: bool = False  # weights (if any) live in the repo beside the configs
-    calib_prompts: int = 2  # default calibration prompts (cond + uncond: 4 samples a step)
+    # calibration prompts (text-to-image: cond + uncond, 2 samples a step each), or sampled
+    # images for an unconditional model
+    calib_prompts: int = 2
+    # the papers' sampling for this model: the defaults of dq-generate and of calibration
+    sampler: str = "pndm"
+    steps: int = 50
+    eta: float = 0.0
+    calib_every: int = 1  # c: calibrate every c-th step (Q-Diffusion's interval)
 
     @property
     def config_dir(self) -> Path:
@@ -43,13 +49,30 @@ REGISTRY: dict[str, ModelSpec] = {
                   "Stable Diffusion v2.1-base"),
         ModelSpec("sd21", ("stabilityai/stable-diffusion-2-1",), 768,
                   "Stable Diffusion v2.1 (v-prediction, 768x768)"),
+        # Q-Diffusion's and TFMQ-DM's unconditional models: DDIM, 100 steps on CIFAR-10 and
+        # 200 on the 256x256 LDMs, calibrated every 5th / 10th step (Q-Diffusion, Table 4)
+        ModelSpec("ddpm-cifar10", ("google/ddpm-cifar10-32",), 32,
+                  "DDPM on CIFAR-10, pixel space (DDIM 100 steps)", calib_prompts=16,
+                  sampler="ddim", steps=100, calib_every=5),
+        ModelSpec("ldm-celebahq-256", ("CompVis/ldm-celebahq-256",), 256,
+                  "LDM-4 on CelebA-HQ, VQ-f4 latents (DDIM 200 steps)", calib_prompts=2,
+                  sampler="ddim", steps=200, calib_every=10),
+        ModelSpec("tiny-ddpm", (), 16, "embedded configs, pixel-space UNet2DModel (tests)",
+                  embedded=True, calib_prompts=8, sampler="ddim", steps=20),
+        ModelSpec("tiny-ldm", (), 32, "embedded configs, UNet2DModel on VQ latents (tests)",
+                  embedded=True, calib_prompts=8, sampler="ddim", steps=20),
     )
 }
 
 EXPECTED_LAYOUT = (
-    "model_index.json, unet/ text_encoder/ vae/ (config.json + *.safetensors or *.bin), "
-    "tokenizer/ (vocab.json, merges.txt), scheduler/scheduler_config.json"
+    "text-to-image: unet/ text_encoder/ tokenizer/ (vocab.json, merges.txt) vae/ "
+    "scheduler/scheduler_config.json; unconditional: unet/ scheduler/ (+ vqvae/ or vae/ for "
+    "latent diffusion), or config.json + scheduler_config.json at the top; every model "
+    "folder a config.json + *.safetensors or *.bin"
 )
+
+# A local folder: SD's sampling (PNDM 50), calibrated at every step
+FOLDER_DEFAULTS = ModelSpec("folder", (), 0, "a local diffusers folder")
 
 
 def get_spec(name: str) -> ModelSpec:
@@ -64,27 +87,20 @@ def unknown_model_error(name: str) -> UserError:
                      "or the path of a local diffusers folder")
 
 
-def default_calib_prompts(model: str) -> int:
-    """Calibration prompts when the recipe leaves it open: the registry's, or 4 for a folder."""
-    return REGISTRY[model].calib_prompts if model in REGISTRY else ModelSpec.calib_prompts
-
-
-def has_weights(folder: Path) -> bool:
-    """True when every weight-carrying component has a weight file (any diffusers variant)."""
-    return all(
-        any(any((folder / sub).glob(pattern)) for pattern in ("*.safetensors", "*.bin"))
-        for sub in WEIGHT_FOLDERS
-    )
+def model_defaults(model: str) -> ModelSpec:
+    """Sampling and calibration defaults: the registry entry's, or FOLDER_DEFAULTS."""
+    return REGISTRY.get(model, FOLDER_DEFAULTS)
 
 
 def check_diffusers_folder(folder: Path) -> None:
     """Raise a UserError naming what is missing from a local diffusers folder."""
-    missing = [sub for sub in COMPONENT_FOLDERS if not (folder / sub).is_dir()]
-    if missing:
-        raise UserError(f"{folder} is not a diffusers folder: missing {', '.join(missing)}/ "
-                        f"(expected layout: {EXPECTED_LAYOUT})")
-    if not has_weights(folder):
-        raise UserError(f"{folder} has no weights for one of {', '.join(WEIGHT_FOLDERS)} "
+    layout = read_layout(folder)
+    if layout.missing():
+        raise UserError(f"{folder} is not a diffusers folder: missing "
+                        f"{', '.join(layout.missing())} (expected layout: {EXPECTED_LAYOUT})")
+    if not layout.has_weights():
+        raise UserError(f"{folder} has no weights for one of "
+                        f"{', '.join(n or 'the UNet' for n in layout.weight_folders)} "
                         f"(expected layout: {EXPECTED_LAYOUT}); "
                         "or pass --init random for seeded random weights")
 
@@ -102,7 +118,7 @@ def find_in_hf_cache(spec: ModelSpec) -> Path | None:
             path = Path(snapshot_download(hub_id, local_files_only=True, cache_dir=cache_dir))
         except (OSError, ValueError):  # LocalEntryNotFoundError is an OSError
             continue
-        if has_weights(path):
+        if read_layout(path).has_weights():
             return path
     return None
 

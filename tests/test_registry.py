@@ -3,27 +3,40 @@ import json
 import pytest
 
 from dq_export.errors import UserError
+from dq_export.layout import read_layout
 from dq_export.loading import load_components
 from dq_export.registry import REGISTRY, get_spec
 
 
 def test_every_entry_has_configs_and_a_hub_id():
     for spec in REGISTRY.values():
-        for sub in ("unet/config.json", "text_encoder/config.json", "vae/config.json",
-                    "scheduler/scheduler_config.json"):
-            assert (spec.config_dir / sub).is_file(), (spec.name, sub)
+        layout = read_layout(spec.config_dir)
+        assert not layout.missing(), spec.name
+        for sub in layout.weight_folders:
+            assert (spec.config_dir / sub / "config.json").is_file(), (spec.name, sub)
+        assert layout.scheduler_file.is_file(), spec.name
+        assert layout.image_size() == spec.image_size, spec.name
         assert spec.embedded or spec.hub_ids
     assert get_spec("sd14").hub_ids[0] == "CompVis/stable-diffusion-v1-4"
+    assert read_layout(get_spec("ddpm-cifar10").config_dir).unet == ""  # the hub's flat layout
+    assert read_layout(get_spec("ldm-celebahq-256").config_dir).decoder == "vqvae"
 
 
-def test_sd14_config_is_the_published_architecture():
+@pytest.mark.parametrize("model, part, cls, expected", [
+    ("sd14", "unet", "UNet2DConditionModel", 859_520_964),
+    ("ddpm-cifar10", "", "UNet2DModel", 35_746_307),  # the DDPM paper's 35.7 M
+    ("ldm-celebahq-256", "unet", "UNet2DModel", 274_056_163),  # the LDM paper's 274 M
+    ("ldm-celebahq-256", "vqvae", "VQModel", 55_322_782),
+])
+def test_configs_are_the_published_architectures(model, part, cls, expected):
+    import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
 
-    config = UNet2DConditionModel.load_config(get_spec("sd14").config_dir / "unet")
+    model_cls = getattr(diffusers, cls)
+    config = model_cls.load_config(get_spec(model).config_dir / part)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
-    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+        module = model_cls.from_config(config)
+    assert sum(p.numel() for p in module.parameters()) == expected
 
 
 def test_unknown_model_lists_known_names():

@@ -1,5 +1,7 @@
 """The numpy samplers and noise against diffusers' schedulers and torch.randn."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,16 +11,22 @@ from deploy.noise import Generator
 from deploy.sampler import denoise
 from deploy.schedulers import SCHEDULERS, make_scheduler
 from dq_export.errors import UserError
+from dq_export.registry import MODELS_DIR
 
 # Stable Diffusion's scheduler config, as exported
 SD = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
       "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
       "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
-# a pixel-space DDPM's (linear betas, no offset, sample clipping on)
-DDPM = {"beta_schedule": "linear", "num_train_timesteps": 1000, "clip_sample": True}
+# the registry's pixel-space DDPM (google/ddpm-cifar10-32: linear betas, no offset, sample
+# clipping on, DDPM's fixed_large variance, which the other samplers ignore) and LDM
+# (CompVis/ldm-celebahq-256: scaled-linear betas 0.0015..0.0195)
+DDPM = json.loads((MODELS_DIR / "ddpm-cifar10" / "scheduler_config.json").read_text())
+LDM = json.loads((MODELS_DIR / "ldm-celebahq-256" / "scheduler" /
+                  "scheduler_config.json").read_text())
 CONFIGS = {
     "sd": SD,
     "ddpm": DDPM,
+    "ldm": LDM,
     "sd-v": {**SD, "prediction_type": "v_prediction"},
     "sd-trailing": {**SD, "timestep_spacing": "trailing"},
     "cosine": {**DDPM, "beta_schedule": "squaredcos_cap_v2"},
@@ -81,6 +89,8 @@ def test_unsupported_scheduler_settings_are_one_line_errors():
         make_scheduler("euler", {**SD, "use_karras_sigmas": True})
     with pytest.raises(UserError, match="prediction_type 'sample'"):
         make_scheduler("ddim", {**SD, "prediction_type": "sample"})
+    with pytest.raises(UserError, match="variance_type='learned_range'"):
+        make_scheduler("dpm++", {**DDPM, "variance_type": "learned_range"})
     with pytest.raises(UserError, match="beta_schedule"):
         make_scheduler("pndm", {**SD, "beta_schedule": "sigmoid"})
     with pytest.raises(UserError, match="unknown scheduler"):

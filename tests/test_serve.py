@@ -359,6 +359,7 @@ class StubPipeline:
     """Stands in for Pipeline where a real one cannot be made to fail on demand."""
 
     image_size = (64, 64)
+    conditional = True  # a text-to-image export: the only kind dq-serve serves
     manifest = {"model": {"name": "stub"}, "recipe": {"bits": "fp32"}}
 
     def __init__(self, *failures: Exception):
