@@ -46,7 +46,11 @@ def test_quick_run_has_every_export_component_and_ratio(quick_run):
         assert throughput["requests"] >= 1 and throughput["images_per_min"] > 0
         assert throughput["images"] == 2 * throughput["requests"]
     assert results["exports"]["ours"]["sizes_mb"]["unet"] < \
-        results["exports"]["fp32"]["sizes_mb"]["unet"] / 2  # int8 weights
+        results["exports"]["fp32"]["sizes_mb"]["unet"]
+    # int8 weights: tiny-sd's IR .xml (graph text) is as big as its weights, so compare the .bin
+    weights = {label: (Path(row["export"]) / "openvino" / "unet.bin").stat().st_size
+               for label, row in results["exports"].items()}
+    assert weights["ours"] < weights["fp32"] / 3.5
     ratios = results["ratios"]
     assert ratios["fp32"]["speedup_vs_fp32"] == {s: {"total": 1.0, "unet_loop": 1.0}
                                                  for s in SCHEDULERS}
