@@ -1,8 +1,10 @@
-"""Range estimators: a histogram -> the clipping threshold T of a per-tensor quantizer.
+"""Range estimators: a histogram -> the range of a per-tensor quantizer.
 
-The quantizer is symmetric int8 on [-T, T], or uint8 on [0, T] for non-negative inputs, so
-one number describes it. ``mse`` picks the T that minimises the expected squared error:
-clipping error above T plus rounding noise (step^2 / 12) below it.
+A symmetric quantizer is int8 on [-T, T], or uint8 on [0, T] for non-negative inputs, so one
+number T describes it (``estimate``). An asymmetric one is uint8 with a zero point z on
+[-z·s, (255-z)·s] (``zero_point`` and ``asymmetric_scale``): all 256 levels on a lopsided
+input such as SiLU's. ``mse`` picks the range that minimises the expected squared error:
+clipping error beyond the range plus rounding noise (step^2 / 12) inside it.
 """
 
 from __future__ import annotations
@@ -66,3 +68,35 @@ def estimate(hist: Histogram, estimator: str) -> float:
     if estimator == "mse":
         return mse(hist)
     raise ValueError(f"unknown range estimator {estimator!r}: use one of {ESTIMATORS}")
+
+
+def side(hist: Histogram, negative: bool) -> Histogram:
+    """One sign of ``hist`` as a non-negative population (magnitudes)."""
+    counts = hist.neg if negative else hist.pos
+    top = -hist.min if negative else hist.max
+    return Histogram(counts, np.zeros_like(counts), hist.zeros, 0.0, max(top, 0.0))
+
+
+def zero_point(hist: Histogram, estimator: str) -> int:
+    """z of an asymmetric uint8 quantizer: where 0 falls between the two sides' ranges, each
+    side estimated on its own (0 for an input that is never negative)."""
+    if hist.min >= 0:
+        return 0
+    t_neg, t_pos = (estimate(side(hist, negative), estimator) for negative in (True, False))
+    return int(np.clip(round(255 * t_neg / max(t_neg + t_pos, 1e-12)), 1, 254))
+
+
+def asymmetric_scale(hist: Histogram, zero: int, estimator: str) -> float:
+    """y_scale of a uint8 quantizer with zero point ``zero``: ``mse`` minimises the expected
+    error of both sides at once; the others cover each side's own estimate."""
+    t_neg = estimate(side(hist, True), estimator) if zero else 0.0
+    t_pos = estimate(side(hist, False), estimator)
+    cover = max(t_pos / (255 - zero), t_neg / zero if zero else 0.0, 1e-10)
+    if estimator != "mse" or hist.total == 0:
+        return cover
+    widest = max(hist.max / (255 - zero), -hist.min / zero if zero else 0.0, cover)
+    candidates = widest * 2.0 ** (-np.arange(0, 128) / 16)  # 8 octaves below the widest
+    error = expected_error(hist.pos, candidates * (255 - zero), 255 - zero)
+    if zero:
+        error = error + expected_error(hist.neg, candidates * zero, zero)
+    return float(candidates[int(np.argmin(error))])

@@ -17,8 +17,9 @@ from calibration.layers import (PROJECTIONS, activation_keys, attention_keys, at
 from calibration.quant_math import dequantize_linear, quantize_linear, weight_scales
 
 
-def fake_quant_activation(x: np.ndarray, scale: float, dtype: str) -> np.ndarray:
-    return dequantize_linear(quantize_linear(x, np.float32(scale), 0, dtype), np.float32(scale), 0)
+def fake_quant_activation(x: np.ndarray, scale: float, dtype: str, zero_point: int = 0) -> np.ndarray:
+    scale = np.float32(scale)
+    return dequantize_linear(quantize_linear(x, scale, zero_point, dtype), scale, zero_point)
 
 
 def fake_quant_weight(weight: np.ndarray, bits: int = 8, split: int | None = None) -> np.ndarray:
@@ -48,7 +49,7 @@ def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
         if q is None:
             return x
         scale = q.step_scales[step] if q.step_scales is not None else q.group_scales[group]
-        return fake_quant_activation(x, scale, q.dtype)
+        return fake_quant_activation(x, scale, q.dtype, q.zero_point)
 
     def input_hook(name):
         def hook(module, inputs):

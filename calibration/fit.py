@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from calibration.estimators import estimate
+from calibration.estimators import asymmetric_scale, estimate, zero_point
 from calibration.groups import auto_groups, uniform_groups
 from calibration.histogram import merge
 from calibration.layers import ATTENTION_OPERANDS, PROJECTIONS, is_time_embedding_layer, owner
@@ -18,11 +18,15 @@ from calibration.quant_math import activation_dtype, activation_scale
 from calibration.statistics import StepStatistics
 
 
+ASYMMETRIC_GAIN = 1.2  # measured: zero points cost OpenVINO's int8 kernels a few % of speed
+
+
 @dataclass
 class ActivationQuantizer:
-    dtype: str  # "uint8" (input never negative) or "int8" (symmetric)
+    dtype: str  # "uint8" (asymmetric, or from 0 for inputs never negative) or "int8" (symmetric)
     group_scales: list[float]  # y_scale per timestep group
     step_scales: list[float] | None = None  # y_scale per calibrated step (time-embedding path)
+    zero_point: int = 0  # y_zero_point, one for every group and step (OpenVINO: constant range)
 
 
 @dataclass
@@ -76,8 +80,12 @@ def choose_groups(stats: StepStatistics, groups: int, split: str, estimator: str
 
 
 def fit(stats: StepStatistics, timesteps: list[int], groups: int, split: str, estimator: str,
-        time_tables: bool = True, split_shortcut: bool = True) -> QuantParams:
-    """Fit every input quantizer per group, and per step on the time-embedding path."""
+        time_tables: bool = True, split_shortcut: bool = True,
+        asymmetric: bool = True) -> QuantParams:
+    """Fit every input quantizer per group, and per step on the time-embedding path.
+    ``asymmetric``: a lopsided signed layer input (SiLU's, say) gets uint8 with a zero point
+    (one per quantizer, from all steps) where that makes its steps ASYMMETRIC_GAIN finer;
+    attention's q, k and v stay symmetric int8, as OpenVINO's fused attention takes them."""
     if not stats.steps_seen().all():
         missing = np.flatnonzero(~stats.steps_seen()).tolist()
         raise ValueError(f"statistics have no data for calibrated steps {missing}")
@@ -88,14 +96,35 @@ def fit(stats: StepStatistics, timesteps: list[int], groups: int, split: str, es
         def hist(steps):
             return merge([stats.histogram(source, steps) for source in sources])
 
-        dtype = activation_dtype(hist(everything).min)
-        scales = [float(activation_scale(estimate(hist(g), estimator), dtype)) for g in chosen]
+        pooled = hist(everything)
+        dtype = activation_dtype(pooled.min)
+        zero = 0
+        if asymmetric and dtype == "int8" and "@" not in key:
+            zero = zero_point(pooled, estimator)
+            if asymmetric_gain(zero) >= ASYMMETRIC_GAIN:
+                dtype = "uint8"
+            else:  # nearly symmetric: int8 without a zero point is as fine, and faster
+                zero = 0
         per_step = None
         if time_tables and is_time_embedding_layer(key):
-            per_step = [float(activation_scale(estimate(hist([s]), estimator), dtype))
-                        for s in everything]
-        activations[key] = ActivationQuantizer(dtype, scales, per_step)
+            per_step = [quantizer_scale(hist([s]), dtype, zero, estimator) for s in everything]
+        activations[key] = ActivationQuantizer(
+            dtype, [quantizer_scale(hist(g), dtype, zero, estimator) for g in chosen], per_step,
+            zero)
     return QuantParams(list(timesteps), chosen, activations)
+
+
+def asymmetric_gain(zero: int) -> float:
+    """How much finer uint8 steps with zero point ``zero`` are than symmetric int8's on the
+    same input: 2·max(z, 255 - z) / 255 (1 for a balanced input, ~2 after a SiLU)."""
+    return 2 * max(zero, 255 - zero) / 255
+
+
+def quantizer_scale(hist, dtype: str, zero: int, estimator: str) -> float:
+    """y_scale of one quantizer on one population (a group's steps, or one step)."""
+    if zero:
+        return asymmetric_scale(hist, zero, estimator)
+    return float(activation_scale(estimate(hist, estimator), dtype))
 
 
 def quantizer_sources(keys: list[str], split_shortcut: bool) -> dict[str, list[str]]:

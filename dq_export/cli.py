@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one scale per group on the time-embedding path, not one per step")
     q.add_argument("--no-split-shortcut", dest="split_shortcut", action="store_false",
                    help="one scale for each skip concatenation instead of one per half")
+    q.add_argument("--symmetric-activations", dest="asymmetric_activations",
+                   action="store_false",
+                   help="symmetric int8 for signed layer inputs (default: uint8 with a zero "
+                        "point, all 256 levels on lopsided inputs such as SiLU's)")
     q.add_argument("--attention", default=d.attention,
                    help="what of attention's Q.K^T and A.V runs in int8: qkv (q, k, v; softmax "
                         "output float, as Q-Diffusion), int8 (also the softmax output, uint8), "
@@ -86,6 +90,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                   seed=args.seed, groups=args.groups, group_split=args.group_split,
                   estimator=args.estimator, time_tables=args.time_tables,
                   split_shortcut=args.split_shortcut, attention=args.attention,
+                  asymmetric_activations=args.asymmetric_activations,
                   target_cpu=args.target_cpu,
                   text_encoder_weights=args.text_encoder_weights,
                   calib_scheduler=args.calib_scheduler,

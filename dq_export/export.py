@@ -156,7 +156,7 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
         with stage("fit activation scales per group"):
             params = fit(stats, summary["calibrated_timesteps"], recipe.groups,
                          recipe.group_split, recipe.estimator, recipe.time_tables,
-                         recipe.split_shortcut)
+                         recipe.split_shortcut, recipe.asymmetric_activations)
             params = params.restricted_attention(recipe.attention)
     onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
                                    stage)

@@ -244,8 +244,8 @@ def quantize_activations(model: onnx.ModelProto, layers: dict[str, LayerNode],
     for edge in edges:
         key, quantizer = edge.key, params.activations[edge.key]
         _, _, np_type = INT_TYPES[quantizer.dtype]
-        graph.initializer.append(numpy_helper.from_array(np.zeros((), np_type),
-                                                         f"{key}.y_zero_point"))
+        graph.initializer.append(numpy_helper.from_array(
+            np.asarray(quantizer.zero_point, np_type), f"{key}.y_zero_point"))
         new_nodes = []
         if quantizer.step_scales is None:
             scale_name = f"{key}.y_scale"

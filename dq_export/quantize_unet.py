@@ -88,9 +88,8 @@ def quantization_manifest(recipe, params: QuantParams | None, summary: dict | No
         "weights": ("int4 for every Linear, int8 for every Conv of the UNet"
                     if recipe.bits.startswith("w4") else "int8 for every Conv and Linear of the UNet")
                    + ": symmetric, per output channel",
-        "activations": ("int8 per tensor (uint8 where never negative) at every Conv and Linear "
-                        "input; attention scores, softmax and norms in float"
-                        if params is not None else "float (weight-only)"),
+        "activations": (activation_summary(recipe) if params is not None
+                        else "float (weight-only)"),
     }
     if params is None:
         return entry
@@ -111,6 +110,18 @@ def quantization_manifest(recipe, params: QuantParams | None, summary: dict | No
         "calibration": summary,
     })
     return entry
+
+
+def activation_summary(recipe) -> str:
+    """The manifest's one-line account of what runs on int8 activations."""
+    layers = ("per tensor at every Conv and Linear input: uint8 with a zero point where the "
+              "input is lopsided (SiLU's), uint8 from 0 where never negative, else int8"
+              if recipe.asymmetric_activations else
+              "per tensor at every Conv and Linear input: uint8 where never negative, else int8")
+    attention = {"float": "attention's Q.K^T and A.V in float",
+                 "qkv": "attention's q, k, v int8, its softmax output float",
+                 "int8": "attention's q, k, v int8 and its softmax output uint8"}[recipe.attention]
+    return f"{layers}; {attention}; norms and activation functions in float"
 
 
 def write_params(root: Path, params: QuantParams) -> None:

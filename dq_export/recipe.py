@@ -13,7 +13,7 @@ from calibration.groups import GROUP_SPLITS
 from deploy.schedulers import SCHEDULERS
 from dq_export.errors import UserError
 
-RECIPE_VERSION = 2  # 2: attention (version 1 exports kept attention in float)
+RECIPE_VERSION = 2  # 2: attention, asymmetric_activations (version 1: float, symmetric)
 
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 METHODS = ("dq", "nncf")
@@ -40,6 +40,7 @@ class Recipe:
     time_tables: bool = True  # per-step scales on the time-embedding path (TFMQ-DM)
     split_shortcut: bool = True  # separate scales for the two halves of skip concats
     attention: str = "qkv"  # what of attention's Q.K^T and A.V is int8 (ATTENTIONS)
+    asymmetric_activations: bool = True  # uint8 + zero point for signed layer inputs
     target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
     text_encoder_weights: str | None = None  # None: int8 for integer recipes, else fp32
     # calibration: the deployment the scales are fitted for; None: the model's default (the
@@ -81,7 +82,7 @@ class Recipe:
             raise UserError(f"recipe version {data['version']} is newer than this dq-export "
                             f"understands ({RECIPE_VERSION}): upgrade dq-export")
         if data.get("version", RECIPE_VERSION) < 2:
-            data = {"attention": "float", **data}
+            data = {"attention": "float", "asymmetric_activations": False, **data}
         return cls(**data)
 
     def check(self) -> Recipe:

@@ -9,8 +9,9 @@ layer ``y = W·DQ(Q(x, s)) + b`` is rewritten with the exact identity
 
 where the quantizer has the constant scale 1 (integer units) and the step's scale ``s`` comes
 from ``Gather(table, step_index)``: the group's scale at every step of that group, and the
-step's own scale on the time-embedding path. The layer is linear and has no zero point
-(symmetric int8, or uint8 from 0), so only the bias has to move behind the multiplier.
+step's own scale on the time-embedding path. The layer is linear and the zero point is one
+constant per quantizer (the integer range is the same at every step), so only the bias has
+to move behind the multiplier.
 An attention's products are bilinear: ``(q·c)(k^T·c)`` is rescaled by ``s_q·s_k`` before
 the softmax, and ``A·v`` by ``s_v`` (``s_p·s_v`` when the softmax output is quantized too).
 """
@@ -62,12 +63,13 @@ def _detach_bias(graph: onnx.GraphProto, layer: LayerNode) -> str | None:
 
 
 def _to_integer_units(graph: onnx.GraphProto, key: str, node: onnx.NodeProto, index: int,
-                      table: np.ndarray, dtype: str) -> None:
-    """``x -> DQ(Q(x · 1/s, 1))`` on input ``index`` of ``node``."""
-    _, _, np_type = INT_TYPES[dtype]
+                      table: np.ndarray, quantizer) -> None:
+    """``x -> DQ(Q(x · 1/s, 1, z), 1, z)`` on input ``index`` of ``node``: the integers
+    -z..255-z (or -128..127), the same range at every step."""
+    _, _, np_type = INT_TYPES[quantizer.dtype]
     zero, inverse = f"{key}.y_zero_point", f"{key}.inverse_y_scale_step"
     graph.initializer.extend([
-        numpy_helper.from_array(np.zeros((), np_type), zero),
+        numpy_helper.from_array(np.asarray(quantizer.zero_point, np_type), zero),
         numpy_helper.from_array((1 / table).astype(np.float32), f"{key}.inverse_y_scale_table"),
     ])
     insert_before(graph, node, [
@@ -123,7 +125,7 @@ def quantize_activations_shared(model: onnx.ModelProto, layers: dict[str, LayerN
             rescales.append(Rescale(node, keys, attention.name + suffix))
     for edge in edges:
         _to_integer_units(graph, edge.key, edge.node, edge.index, tables[edge.key],
-                          params.activations[edge.key].dtype)
+                          params.activations[edge.key])
     for rescale in rescales:
         _from_integer_units(graph, rescale, tables)
     graph.input.append(helper.make_tensor_value_info(STEP_INDEX, TensorProto.INT64, []))

@@ -10,11 +10,9 @@ import torch
 from onnx import numpy_helper
 
 from calibration.collect import load_inputs
-from calibration.estimators import estimate
 from calibration.fakequant import fake_quant_activation, fake_quant_weight, fake_quantized
-from calibration.fit import QuantParams
+from calibration.fit import QuantParams, quantizer_scale
 from calibration.layers import activation_keys, attention_modules, quantized_layers, shortcut_splits
-from calibration.quant_math import activation_scale
 from calibration.statistics import StepStatistics, statistic_keys
 from deploy import Pipeline
 from dq_export.loading import load_components
@@ -76,7 +74,7 @@ def test_every_quantizer_in_the_graph_computes_the_simulated_rounding(tiny_w8a8,
         for key in keys:
             q = params.activations[key]
             scale = q.step_scales[k] if q.step_scales is not None else q.group_scales[g]
-            expected = fake_quant_activation(values[probes[key]], scale, q.dtype)
+            expected = fake_quant_activation(values[probes[key]], scale, q.dtype, q.zero_point)
             np.testing.assert_allclose(values[f"{key}.dequantized"], expected, rtol=0, atol=1e-6,
                                        err_msg=key)
         consumers = {i: n.op_type for n in model.graph.node for i in n.input}
@@ -133,7 +131,7 @@ def test_shared_graph_applies_each_steps_scales(tiny_w8a8, tiny_export, setup, t
                 # one level on a handful of ties
                 got = values[f"{key}.dequantized"] * scale
                 expected = fake_quant_activation(values[probes[key]] * np.float32(scale), scale,
-                                                 q.dtype)
+                                                 q.dtype, q.zero_point)
                 off = np.abs(got - expected) > 1e-5 * max(1.0, np.abs(expected).max())
                 assert off.mean() < 1e-4, (key, off.sum())
     # Whole graph: rounding flips cascade through this random network (see the next test),
@@ -200,8 +198,8 @@ def test_groups_have_their_own_scales_and_tables_hold_per_step_fits(tiny_w8a8, s
     for key, quantizer in tables.items():
         table = inits[f"{key}.y_scale_table"]
         for step in range(10):
-            fitted = activation_scale(estimate(stats.histogram(key, [step]), "mse"),
-                                      quantizer.dtype)
+            fitted = quantizer_scale(stats.histogram(key, [step]), quantizer.dtype,
+                                     quantizer.zero_point, "mse")
             assert table[step] == pytest.approx(float(fitted), rel=1e-6)
     for g in range(4):  # each group graph carries its own group's scales
         model = onnx.load(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"))
