@@ -56,15 +56,20 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give at least two exports as LABEL=DIR, the FP32 reference first")
     from calibration.collect import read_prompts
     from deploy import Pipeline
+    from dq_export.errors import UserError
     from dq_export.fidelity import trajectory_errors
 
-    pipes = {}
-    for item in args.exports:
-        label, path = item.split("=", 1)
-        pipes[label] = Pipeline.load(path, verify=False)
+    try:
+        # prompts from the end of the file: calibration reads from its start
+        prompts = read_prompts(args.prompt_file)[::-1][:args.prompts]
+        pipes = {}
+        for item in args.exports:
+            label, path = item.split("=", 1)
+            pipes[label] = Pipeline.load(path, verify=False)
+    except UserError as error:
+        print(f"noise_fidelity: error: {error}", file=sys.stderr)
+        return error.exit_code
     (ref_label, reference), others = next(iter(pipes.items())), dict(list(pipes.items())[1:])
-    # prompts from the end of the file: calibration reads from its start
-    prompts = read_prompts(args.prompt_file)[::-1][:args.prompts]
     errors = {label: e["relative_error"] for label, e in trajectory_errors(
         reference, others, prompts, args.steps, args.scheduler, args.seed).items()}
     results = {"reference": ref_label, "prompts": prompts, "steps": args.steps,
