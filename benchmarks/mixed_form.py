@@ -1,13 +1,15 @@
-"""Which per-layer precisions OpenVINO on this CPU executes, and what the dual-path form costs.
+"""Which per-layer precisions OpenVINO on this CPU executes, and what a per-group input
+precision costs in one graph.
 
 Builds two small stand-in graphs with the export's own passes, a stack of 3x3 convolutions
 (SD's ResNet convs) and a stack of Linear layers on tokens (SD's attention projections and
 feed-forwards), in each candidate form: FP32; int8 weights + int8 input (W8A8, the
-shared-scale form); int8 weights + float input; the dual path of ``dq_export.mixed_precision``
-(int8 in one group, float in the other: both kernels run); and for Linear layers the same
-with int4 weights. Each form is compiled in a fresh process: its median call time, the RSS
-it adds (compile + one call), and the kernel OpenVINO picked (``exec_type`` from the
-performance counters) go into the table.
+shared-scale form); int8 weights + float input; ``switch`` (``dq_export.mixed_precision``:
+int8 in group 0, float in group 1, an ``If`` running one path); ``dual``, the rejected
+alternative that runs both kernels and sums them with 0/1 weights (``sum_paths`` below);
+and for Linear layers int4 weights with int8 or float inputs. Each form is compiled in a
+fresh process: its median call time at a step of each group, the RSS it adds (compile and
+the calls), and the kernels OpenVINO picked (``exec_type`` of the performance counters).
 
     python benchmarks/mixed_form.py --out benchmarks/results/mixed-form
 """
@@ -26,8 +28,8 @@ import numpy as np
 
 from common import child_main, machine, markdown_table, run_child
 
-FORMS = {"conv": ("fp32", "w8a8", "w8-float", "w8-dual"),  # conv w8-dual: FP32 float path
-         "linear": ("fp32", "w8a8", "w8-float", "w8-dual", "w4a8", "w4-float", "w4-dual")}
+FORMS = {"conv": ("fp32", "w8a8", "w8-float", "w8-dual", "w8-switch"),  # conv: FP32 float path
+         "linear": ("fp32", "w8a8", "w8-float", "w8-dual", "w8-switch", "w4a8", "w4-float")}
 
 
 def stand_in(kind: str, width: int, depth: int):
@@ -65,7 +67,7 @@ def build(kind: str, form: str, width: int, depth: int, folder: Path) -> tuple[P
     import torch
 
     from calibration.fit import ActivationQuantizer, QuantParams
-    from dq_export.mixed_precision import add_float_paths
+    from dq_export.mixed_precision import switch_paths
     from dq_export.qdq import build_qdq_unet
     from dq_export.shared_scales import quantize_activations_shared
 
@@ -83,22 +85,79 @@ def build(kind: str, form: str, width: int, depth: int, folder: Path) -> tuple[P
         params = QuantParams([0, 1], [[0], [1]], {n: ActivationQuantizer("int8", [0.03, 0.03])
                                                   for n in names})
     activations = quantize_activations_shared
-    if form.endswith("dual"):  # convolutions: the float path on FP32 weights, as exported
+    if form.endswith(("dual", "switch")):  # convolutions: the float path on FP32 weights
         weights = ({n: graph.unet.layers[i].weight.detach().numpy()
                     for i, n in enumerate(names)} if kind == "conv" else {})
+        second_path = sum_paths if form.endswith("dual") else switch_paths
 
         def activations(m, layers, p):
             quantize_activations_shared(m, layers, p)
-            add_float_paths(m, layers, {n: np.array([False, True]) for n in names}, weights)
+            second_path(m, layers, {n: np.array([False, True]) for n in names}, weights)
     model = build_qdq_unet(model, params, {}, bits, activations)
     onnx.save(model, str(path))
     return path, x.numpy()
 
 
+def path_tables(scales: np.ndarray, float_steps: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-step tables of one dual-path layer: the int8 path's output multiplier (the scale,
+    0 at float steps), its input multiplier (1/scale, 1 at float steps: finite, so the
+    switched-off path computes zeros, never NaN) and the float path's 0/1 weight."""
+    scales = np.asarray(scales, np.float32)
+    return {"y_scale_table": np.where(float_steps, 0, scales).astype(np.float32),
+            "inverse_y_scale_table": np.where(float_steps, 1, 1 / scales).astype(np.float32),
+            "float_path_table": float_steps.astype(np.float32)}
+
+
+def sum_paths(model, layers, float_steps, float_weights) -> None:
+    """The rejected form, for comparison: both paths computed at every step and summed
+    with per-step 0/1 weights, y = s_t W DQ(Q(x u_t, 1)) + m_t W x + b, with
+    (s_t, u_t, m_t) = (s, 1/s, 0) at int8 steps and (0, 1, 1) at float steps."""
+    from onnx import helper, numpy_helper
+
+    from dq_export.mixed_precision import float_weight_name
+    from dq_export.qdq import STEP_INDEX
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    by_name = {node.name: node for node in graph.node}
+    for key, steps in float_steps.items():
+        steps = np.asarray(steps, bool)
+        scales = numpy_helper.to_array(inits[f"{key}.y_scale_table"])
+        for name, values in path_tables(scales, steps).items():
+            tensor = numpy_helper.from_array(values, f"{key}.{name}")
+            if f"{key}.{name}" in inits:
+                inits[f"{key}.{name}"].CopyFrom(tensor)
+            else:
+                graph.initializer.append(tensor)
+        kernel = layers[key].node
+        source = by_name[f"{key}/ToIntegerUnits"].input[0]
+        rescale = by_name[f"{key}/FromIntegerUnits"]
+        int8_out = f"{key}.int8_path"
+        joined = rescale.output[0]
+        rescale.output[0] = int8_out
+        weight = kernel.input[1]
+        if key in float_weights:
+            weight = float_weight_name(key)
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(float_weights[key], np.float32), weight))
+        twin = helper.make_node(kernel.op_type, [source, weight, *kernel.input[2:]],
+                                [f"{key}.float_path"], name=f"{key}/FloatPath")
+        twin.attribute.extend(kernel.attribute)
+        new = [twin,
+               helper.make_node("Gather", [f"{key}.float_path_table", STEP_INDEX],
+                                [f"{key}.float_path_weight"], name=f"{key}/GatherFloatPath",
+                                axis=0),
+               helper.make_node("Mul", [f"{key}.float_path", f"{key}.float_path_weight"],
+                                [f"{key}.float_path_weighted"], name=f"{key}/WeighFloatPath"),
+               helper.make_node("Add", [int8_out, f"{key}.float_path_weighted"], [joined],
+                                name=f"{key}/JoinPaths")]
+        index = list(graph.node).index(rescale) + 1
+        for offset, node in enumerate(new):
+            graph.node.insert(index + offset, node)
+
+
 def measure(kind: str, form: str, width: int, depth: int, calls: int) -> dict:
     import openvino as ov
-
-    from dq_export.export import peak_rss_mb
 
     with tempfile.TemporaryDirectory() as tmp:
         path, x = build(kind, form, width, depth, Path(tmp))
@@ -112,18 +171,23 @@ def measure(kind: str, form: str, width: int, depth: int, calls: int) -> dict:
                                                      "INFERENCE_PRECISION_HINT": "f32",
                                                      "PERFORMANCE_HINT": "LATENCY"})
         request = compiled.create_infer_request()
-        request.infer(feeds)
-        added = _rss_mb() - before
-        times = []
-        for _ in range(calls):
-            start = time.perf_counter()
+        ms, kernels = {}, set()
+        for step in (0, 1) if "step_index" in feeds else (0,):  # group 0 int8, group 1 float
+            if "step_index" in feeds:
+                feeds["step_index"] = np.asarray(step, np.int64)
             request.infer(feeds)
-            times.append(time.perf_counter() - start)
-        kernels = sorted({f"{i.node_type}:{i.exec_type}" for i in request.profiling_info
-                          if i.node_type.startswith(("Convolution", "FullyConnected", "MatMul"))
-                          and i.real_time.total_seconds() > 0})
-    return {"kind": kind, "form": form, "ms": round(1e3 * statistics.median(times), 2),
-            "rss_added_mb": round(added, 1), "kernels": kernels, "peak_rss": peak_rss_mb()}
+            times = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                request.infer(feeds)
+                times.append(time.perf_counter() - start)
+            ms[step] = round(1e3 * statistics.median(times), 2)
+            kernels |= {f"{i.node_type}:{i.exec_type}" for i in request.profiling_info
+                        if i.node_type.startswith(("Convolution", "FullyConnected", "MatMul",
+                                                   "If")) and i.real_time.total_seconds() > 0}
+        added = _rss_mb() - before
+    return {"kind": kind, "form": form, "ms": ms[0], "ms_float_group": ms.get(1, ms[0]),
+            "rss_added_mb": round(added, 1), "kernels": sorted(kernels)}
 
 
 def _rss_mb() -> float:
@@ -157,8 +221,9 @@ def main(argv=None) -> int:
     print(f"\n{args.depth} layers each; FP32 weights: conv (width {args.conv_width}) "
           f"{weights_mb['conv']:.1f} MB, linear (width {args.linear_width}) "
           f"{weights_mb['linear']:.1f} MB\n")
-    print(markdown_table(("layers", "form", "call ms", "RSS added MB", "kernels (exec type)"),
-                         [(r["kind"], r["form"], r["ms"], r["rss_added_mb"],
+    print(markdown_table(("layers", "form", "call ms, int8 group", "call ms, float group",
+                          "RSS added MB", "kernels (exec type)"),
+                         [(r["kind"], r["form"], r["ms"], r["ms_float_group"], r["rss_added_mb"],
                            ", ".join(r["kernels"])) for r in rows]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(

@@ -1,23 +1,25 @@
 """Mixed precision by the rate-distortion paper's slope search (its Algorithm 2), per layer
 and timestep group, over the precisions OpenVINO on CPU executes (``benchmarks/mixed_form.py``).
 
-A layer's choice is its weight precision, one for all groups (one copy of the weights), and
-its input precision in each group (RAQ's step-wise schedule): int8, or float. What each
-choice costs follows the deployed form (``dq_export.mixed_precision``):
+A layer's choice is its weight precision, one for all groups, and its input precision in
+each group (RAQ's step-wise schedule): int8, or float. What each choice costs follows the
+deployed form (``dq_export.mixed_precision``), measured by ``benchmarks/mixed_form.py``:
 
-- Conv: an int8 path (int8 weights and input) where some group is int8, a float path on the
-  FP32 weights where some group is float; both are stored, and both kernels run every step.
-- Linear: int8 weights with an int8 path and/or a float path on the same int8 weights
-  (OpenVINO decompresses them), or int4 weights with a float input, or FP32. Int4 weights
-  with an int8 input are no candidate: OpenVINO runs them as a decompressing float kernel
-  behind a FakeQuantize, slower than a float input and less exact.
+- Conv: int8 weights and input; or float input on the FP32 weights (OpenVINO would expand
+  int8 weights to FP32 for a float input anyway, in more memory); a layer int8 in some
+  groups and float in others holds both copies, and each step runs its group's kernel.
+- Linear: int8 weights with an int8 input and/or a float input (OpenVINO decompresses
+  them; both in one layer: two copies), int4 weights with a float input, or FP32. Int4
+  weights with an int8 input are no candidate: OpenVINO runs them as a decompressing float
+  kernel behind a FakeQuantize, no faster than a float input and less exact.
 
 Distortion is additive (the paper's property 1): a choice costs the sum over groups, each
 weighted by its share of steps, of its weights' and its inputs' curve points. Rate is the
-UNet's weight bytes as the IR stores them (what the CPU plugin holds: measured), and
-optionally the time per step from per-layer profiles. For multipliers (lambda, mu) every
-layer independently takes the choice minimising D + lambda S + mu T; the search finds the
-smallest multipliers whose choices meet the budget: linear in the number of layers.
+UNet's weight bytes (as the IR stores them and the CPU plugin holds them), and optionally
+the time of a step, averaged over the groups, from per-layer profiles. For multipliers
+(lambda, mu) every layer independently takes the choice minimising D + lambda S + mu T;
+the search finds the smallest multipliers whose choices meet the budget: linear in the
+number of layers.
 """
 
 from __future__ import annotations
@@ -121,22 +123,19 @@ def candidates(kind: str, groups: int) -> list[Choice]:
 
 
 def weight_bytes(kind: str, params: int, choice: Choice) -> float:
-    """Bytes of the layer's weights in the IR (and in the CPU plugin)."""
-    total = 0.0
-    if kind == "linear" or 8 in choice.paths():
-        total += params * choice.weight_bits / 8
-    if kind == "conv" and FLOAT in choice.paths():
-        total += params * 4
-    return total
-
-
-def kernels(kind: str, choice: Choice) -> list[str]:
-    """The kernels (``FORMS``) that run at every step: both paths where the groups differ."""
+    """Bytes of the layer's weights in the IR and in the CPU plugin: one copy per path."""
     if kind == "conv":
-        return [{8: "int8", FLOAT: "fp32"}[a] for a in sorted(choice.paths())]
-    if choice.weight_bits == 8:
-        return [{8: "int8", FLOAT: "w8-float"}[a] for a in sorted(choice.paths())]
-    return ["w4-float" if choice.weight_bits == 4 else "fp32"]
+        return params * ((8 in choice.paths()) + 4 * (FLOAT in choice.paths()))
+    return params * choice.weight_bits / 8 * len(choice.paths())
+
+
+def kernel(kind: str, choice: Choice, group: int) -> str:
+    """The kernel (one of ``FORMS``) the layer runs at a step of ``group``."""
+    if choice.activations[group] == 8:
+        return "int8"
+    if kind == "linear" and choice.weight_bits < FLOAT:
+        return f"w{choice.weight_bits}-float"
+    return "fp32"
 
 
 def distortion(layer: LayerCurves, choice: Choice, shares: list[float]) -> float:
@@ -173,7 +172,8 @@ def table(layers: list[LayerCurves], shares: list[float]) -> Table:
             dist[i, j] = distortion(layer, choice, shares)
             size[i, j] = weight_bytes(layer.kind, layer.params, choice)
             if timed:
-                ms[i, j] = sum(layer.ms[k] for k in kernels(layer.kind, choice))
+                ms[i, j] = sum(share * layer.ms[kernel(layer.kind, choice, g)]
+                               for g, share in enumerate(shares))
     return Table([layer.name for layer in layers], options, dist, size, ms if timed else None)
 
 

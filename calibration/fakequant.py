@@ -33,12 +33,16 @@ def fake_quant_weight(weight: np.ndarray, bits: int = 8, split: int | None = Non
 def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
                    splits: dict[str, int], bits: dict[str, int] | None = None):
     """Within the block, ``unet`` runs with quantize-dequantized weights (``bits`` per layer,
-    default 8) and (if ``params``) inputs quantized with ``group``'s scales, or ``step``'s
-    on per-step-table layers."""
+    default 8; 32 leaves a layer's weights float) and (if ``params``) inputs quantized with
+    ``group``'s scales, or ``step``'s on per-step-table layers; a layer without quantizers
+    in ``params`` keeps a float input."""
     import torch
 
-    layers = quantized_layers(unet)
+    bits = bits or {}
+    layers = {n: m for n, m in quantized_layers(unet).items() if bits.get(n, 8) < 32}
     originals = {name: m.weight.data.clone() for name, m in layers.items()}
+    hooked = {n: m for n, m in quantized_layers(unet).items() if params is not None and all(
+        k in params.activations for k in activation_keys(n, splits))}
 
     def hook_for(name):
         def hook(module, inputs):
@@ -58,10 +62,9 @@ def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
     try:
         for name, module in layers.items():
             module.weight.data = torch.from_numpy(
-                fake_quant_weight(originals[name].numpy(), (bits or {}).get(name, 8),
-                                  splits.get(name)))
-            if params is not None:
-                handles.append(module.register_forward_pre_hook(hook_for(name)))
+                fake_quant_weight(originals[name].numpy(), bits.get(name, 8), splits.get(name)))
+        for name, module in hooked.items():
+            handles.append(module.register_forward_pre_hook(hook_for(name)))
         yield unet
     finally:
         for handle in handles:

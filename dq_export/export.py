@@ -122,9 +122,13 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
     calibrates = recipe.activations_quantized
     fits = calibrates and recipe.method == "dq"
     stage = StageLog(total=2 + 2 * len(COMPONENTS) + calibrates + fits + recipe.quantized
-                     + (recipe.target_cpu == "auto"))
+                     + (recipe.target_cpu == "auto") + (recipe.budget is not None))
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
+    if recipe.budget is not None:  # a size no allocation reaches fails before calibration
+        from dq_export.mixed_export import check_reachable
+
+        check_reachable(components.unet, recipe)
     size = recipe.image_size or components.image_size
     vae_factor = 2 ** (len(components.vae.config.block_out_channels) - 1)
     if size % vae_factor:
@@ -149,15 +153,23 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
             target = _profile_target_cpu(components, onnx_paths["unet"], root, recipe, params,
                                          size // vae_factor)
             params = params.without(target["kept_float"])
+    mixed = None
+    if recipe.budget is not None:
+        from dq_export import mixed_export
+
+        with stage("rate-distortion curves and allocation under the budget"):
+            mixed = mixed_export.choose(components, params, summary, recipe, onnx_paths["unet"],
+                                        size // vae_factor)
     if recipe.quantized and recipe.method == "dq":
         with stage("QDQ graphs per timestep group"):
             fp32_unet = onnx_paths["unet"]
-            unet_onnx = write_group_graphs(fp32_unet, root / "onnx", components.unet, recipe,
-                                           params)
+            writers = mixed_export.writers(mixed.plan) if mixed else (
+                write_group_graphs, write_shared_graph, params)
+            unet_onnx = writers[0](fp32_unet, root / "onnx", components.unet, recipe, writers[2])
             graphs["unet"] = unet_onnx[0]
             if params is not None:
-                graphs["unet"] = write_shared_graph(fp32_unet, root / "unet_shared.onnx",
-                                                    components.unet, recipe, params)
+                graphs["unet"] = writers[1](fp32_unet, root / "unet_shared.onnx",
+                                            components.unet, recipe, writers[2])
             _remove_graph(fp32_unet)
     ir_paths = {}
     for name, path in graphs.items():
@@ -198,6 +210,9 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
             body["components"]["text_encoder"]["openvino_weights"] = INT8_WEIGHTS
         if recipe.quantized:
             body["quantization"] = quantization_manifest(recipe, params, summary, nncf_settings)
+            if mixed is not None:
+                entry = mixed_export.manifest_entry(mixed, recipe, params, root, components.unet)
+                body["quantization"].update(mixed_export.describe(entry), allocation=entry)
             if params is not None:
                 write_params(root, params)
             if target is not None:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from calibration.allocation import (FLOAT, Budget, Choice, LayerCurves, allocate, candidates,
-                                    kernels, lagrangian, parse_budget, table, totals,
+                                    kernel, lagrangian, parse_budget, table, totals,
                                     weight_bytes)
 from dq_export.errors import UserError
 
@@ -50,13 +50,15 @@ def test_candidates_are_the_executable_forms_with_their_bytes_and_kernels():
     conv, linear = candidates("conv", 2), candidates("linear", 2)
     assert len(conv) == 4 and len(linear) == 6
     assert Choice(4, (8, 8)) not in linear  # int4 weights only with a float input
-    dual_conv = Choice(8, (8, FLOAT))
-    assert weight_bytes("conv", 100, dual_conv) == 100 + 400  # int8 and FP32 copies
-    assert kernels("conv", dual_conv) == ["int8", "fp32"]  # both run at every step
-    assert dual_conv.weights_in("conv", 1) == FLOAT
-    assert weight_bytes("linear", 100, Choice(8, (8, FLOAT))) == 100  # one int8 copy
+    switched = Choice(8, (8, FLOAT))
+    assert weight_bytes("conv", 100, switched) == 100 + 400  # int8 and FP32 copies
+    assert [kernel("conv", switched, g) for g in (0, 1)] == ["int8", "fp32"]
+    assert switched.weights_in("conv", 1) == FLOAT
+    assert weight_bytes("linear", 100, switched) == 200  # each branch its own int8 copy
+    assert weight_bytes("linear", 100, Choice(8, (FLOAT, FLOAT))) == 100
     assert weight_bytes("linear", 100, Choice(4, (FLOAT, FLOAT))) == 50
-    assert kernels("linear", Choice(8, (8, FLOAT))) == ["int8", "w8-float"]
+    assert [kernel("linear", switched, g) for g in (0, 1)] == ["int8", "w8-float"]
+    assert kernel("linear", Choice(4, (FLOAT, FLOAT)), 0) == "w4-float"
 
 
 def test_slope_search_is_optimal_for_the_size_it_reaches_brute_force():
