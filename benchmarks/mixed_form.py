@@ -4,12 +4,14 @@ precision costs in one graph.
 Builds two small stand-in graphs with the export's own passes, a stack of 3x3 convolutions
 (SD's ResNet convs) and a stack of Linear layers on tokens (SD's attention projections and
 feed-forwards), in each candidate form: FP32; int8 weights + int8 input (W8A8, the
-shared-scale form); int8 weights + float input; ``switch`` (``dq_export.mixed_precision``:
-int8 in group 0, float in group 1, an ``If`` running one path); ``dual``, the rejected
-alternative that runs both kernels and sums them with 0/1 weights (``sum_paths`` below);
-and for Linear layers int4 weights with int8 or float inputs. Each form is compiled in a
+shared-scale form); int8 weights + float input; ``dual`` (the export's form,
+``dq_export.mixed_precision``: int8 in group 0, float in group 1, both kernels run and are
+summed with 0/1 weights); ``switch``, an ``If`` on the step running one path
+(``switch_paths`` below: faster, but OpenVINO miscomputed it inside the UNet); and for
+Linear layers int4 weights with int8 or float inputs. Each form is compiled in a
 fresh process: its median call time at a step of each group, the RSS it adds (compile and
-the calls), and the kernels OpenVINO picked (``exec_type`` of the performance counters).
+the calls), its output's relative distance from ONNX Runtime's on the same graph, and the
+kernels OpenVINO picked (``exec_type`` of the performance counters).
 
     python benchmarks/mixed_form.py --out benchmarks/results/mixed-form
 """
@@ -67,7 +69,7 @@ def build(kind: str, form: str, width: int, depth: int, folder: Path) -> tuple[P
     import torch
 
     from calibration.fit import ActivationQuantizer, QuantParams
-    from dq_export.mixed_precision import switch_paths
+    from dq_export.mixed_precision import add_float_paths
     from dq_export.qdq import build_qdq_unet
     from dq_export.shared_scales import quantize_activations_shared
 
@@ -88,7 +90,7 @@ def build(kind: str, form: str, width: int, depth: int, folder: Path) -> tuple[P
     if form.endswith(("dual", "switch")):  # convolutions: the float path on FP32 weights
         weights = ({n: graph.unet.layers[i].weight.detach().numpy()
                     for i, n in enumerate(names)} if kind == "conv" else {})
-        second_path = sum_paths if form.endswith("dual") else switch_paths
+        second_path = add_float_paths if form.endswith("dual") else switch_paths
 
         def activations(m, layers, p):
             quantize_activations_shared(m, layers, p)
@@ -98,20 +100,14 @@ def build(kind: str, form: str, width: int, depth: int, folder: Path) -> tuple[P
     return path, x.numpy()
 
 
-def path_tables(scales: np.ndarray, float_steps: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-step tables of one dual-path layer: the int8 path's output multiplier (the scale,
-    0 at float steps), its input multiplier (1/scale, 1 at float steps: finite, so the
-    switched-off path computes zeros, never NaN) and the float path's 0/1 weight."""
-    scales = np.asarray(scales, np.float32)
-    return {"y_scale_table": np.where(float_steps, 0, scales).astype(np.float32),
-            "inverse_y_scale_table": np.where(float_steps, 1, 1 / scales).astype(np.float32),
-            "float_path_table": float_steps.astype(np.float32)}
-
-
-def sum_paths(model, layers, float_steps, float_weights) -> None:
-    """The rejected form, for comparison: both paths computed at every step and summed
-    with per-step 0/1 weights, y = s_t W DQ(Q(x u_t, 1)) + m_t W x + b, with
-    (s_t, u_t, m_t) = (s, 1/s, 0) at int8 steps and (0, 1, 1) at float steps."""
+def switch_paths(model, layers, float_steps, float_weights) -> None:
+    """On a shared-scale graph: put each layer of ``float_steps`` under an ``If`` on the
+    step's table entry, its int8 path in one branch and a float kernel (``float_weights``
+    where given, else the layer's own dequantized weights) in the other. Only the taken
+    branch runs; each branch holds its weights as its own constants, so OpenVINO keeps the
+    int8 branch's quantizers constant-range (int8 kernels) and the float branch's weights
+    packed. (Not the export's form: see dq_export.mixed_precision.)"""
+    import onnx
     from onnx import helper, numpy_helper
 
     from dq_export.mixed_precision import float_weight_name
@@ -121,39 +117,75 @@ def sum_paths(model, layers, float_steps, float_weights) -> None:
     inits = {i.name: i for i in graph.initializer}
     by_name = {node.name: node for node in graph.node}
     for key, steps in float_steps.items():
-        steps = np.asarray(steps, bool)
-        scales = numpy_helper.to_array(inits[f"{key}.y_scale_table"])
-        for name, values in path_tables(scales, steps).items():
-            tensor = numpy_helper.from_array(values, f"{key}.{name}")
-            if f"{key}.{name}" in inits:
-                inits[f"{key}.{name}"].CopyFrom(tensor)
-            else:
-                graph.initializer.append(tensor)
         kernel = layers[key].node
-        source = by_name[f"{key}/ToIntegerUnits"].input[0]
+        weight_dq = by_name[f"{key}.weight/DequantizeLinear"]
+        moved = [by_name[f"{key}/{n}"] for n in ("ToIntegerUnits", "QuantizeLinear",
+                                                 "DequantizeLinear")]
         rescale = by_name[f"{key}/FromIntegerUnits"]
-        int8_out = f"{key}.int8_path"
-        joined = rescale.output[0]
-        rescale.output[0] = int8_out
+        source, output = moved[0].input[0], rescale.output[0]
+        int8_nodes = [weight_dq, *moved, kernel, rescale]
+        int8_inits = [inits[n] for n in (*weight_dq.input, f"{key}.y_zero_point")]
+        unit = numpy_helper.from_array(np.float32(1.0), f"{key}.unit_scale")
+        int8_body = _body(f"{key}.int8_path", int8_nodes, [*int8_inits, unit], output,
+                          {"unit_scale": unit.name})
         weight = kernel.input[1]
+        float_inits, float_nodes = [], []
         if key in float_weights:
             weight = float_weight_name(key)
-            graph.initializer.append(numpy_helper.from_array(
+            float_inits.append(numpy_helper.from_array(
                 np.ascontiguousarray(float_weights[key], np.float32), weight))
+        else:  # its own copy of the int8 weights and their dequantization, under names of
+            # its own (OpenVINO's ONNX reader mixes up equal names in sibling branches)
+            dq = onnx.NodeProto()
+            dq.CopyFrom(weight_dq)
+            for i, name in enumerate(dq.input):
+                dq.input[i] = f"{name}.float_path"
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(inits[name])
+                tensor.name = dq.input[i]
+                float_inits.append(tensor)
+            dq.output[0] = weight = f"{dq.output[0]}.float_path"
+            dq.name = f"{dq.name}.float_path"
+            float_nodes.append(dq)
         twin = helper.make_node(kernel.op_type, [source, weight, *kernel.input[2:]],
-                                [f"{key}.float_path"], name=f"{key}/FloatPath")
+                                [output], name=f"{key}/FloatPath")
         twin.attribute.extend(kernel.attribute)
-        new = [twin,
-               helper.make_node("Gather", [f"{key}.float_path_table", STEP_INDEX],
-                                [f"{key}.float_path_weight"], name=f"{key}/GatherFloatPath",
-                                axis=0),
-               helper.make_node("Mul", [f"{key}.float_path", f"{key}.float_path_weight"],
-                                [f"{key}.float_path_weighted"], name=f"{key}/WeighFloatPath"),
-               helper.make_node("Add", [int8_out, f"{key}.float_path_weighted"], [joined],
-                                name=f"{key}/JoinPaths")]
-        index = list(graph.node).index(rescale) + 1
-        for offset, node in enumerate(new):
+        float_body = _body(f"{key}.float_path", [*float_nodes, twin], float_inits, output, {})
+        graph.initializer.append(numpy_helper.from_array(np.asarray(steps, bool),
+                                                         f"{key}.float_path_table"))
+        switch = [helper.make_node("Gather", [f"{key}.float_path_table", STEP_INDEX],
+                                   [f"{key}.float_path_taken"], name=f"{key}/GatherFloatPath",
+                                   axis=0),
+                  helper.make_node("If", [f"{key}.float_path_taken"], [output],
+                                   name=f"{key}/SwitchPaths", then_branch=float_body,
+                                   else_branch=int8_body)]
+        index = list(graph.node).index(rescale)
+        for offset, node in enumerate(switch):
             graph.node.insert(index + offset, node)
+        for node in int8_nodes:
+            graph.node.remove(node)
+        for tensor in int8_inits:
+            graph.initializer.remove(tensor)
+
+
+def _body(name: str, nodes: list, initializers: list, output: str, renames: dict[str, str]):
+    """A branch graph of copies of ``nodes``, with its own initializers; ``renames`` maps
+    outer names its nodes must not read from outside (constants) to the branch's own."""
+    import onnx
+    from onnx import helper
+
+    copies = []
+    for node in nodes:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for i, value in enumerate(copy.input):
+            copy.input[i] = renames.get(value, value)
+        copies.append(copy)
+    out = f"{name}.output"
+    copies[-1].output[0] = out
+    return helper.make_graph(copies, name, [],
+                             [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
+                             list(initializers))
 
 
 def measure(kind: str, form: str, width: int, depth: int, calls: int) -> dict:
@@ -171,7 +203,10 @@ def measure(kind: str, form: str, width: int, depth: int, calls: int) -> dict:
                                                      "INFERENCE_PRECISION_HINT": "f32",
                                                      "PERFORMANCE_HINT": "LATENCY"})
         request = compiled.create_infer_request()
-        ms, kernels = {}, set()
+        ms, kernels, agreement = {}, set(), []
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         for step in (0, 1) if "step_index" in feeds else (0,):  # group 0 int8, group 1 float
             if "step_index" in feeds:
                 feeds["step_index"] = np.asarray(step, np.int64)
@@ -182,12 +217,16 @@ def measure(kind: str, form: str, width: int, depth: int, calls: int) -> dict:
                 request.infer(feeds)
                 times.append(time.perf_counter() - start)
             ms[step] = round(1e3 * statistics.median(times), 2)
+            expected = session.run(None, feeds)[0]
+            got = request.get_output_tensor(0).data
+            agreement.append(float(np.linalg.norm(got - expected) / np.linalg.norm(expected)))
             kernels |= {f"{i.node_type}:{i.exec_type}" for i in request.profiling_info
                         if i.node_type.startswith(("Convolution", "FullyConnected", "MatMul",
                                                    "If")) and i.real_time.total_seconds() > 0}
         added = _rss_mb() - before
     return {"kind": kind, "form": form, "ms": ms[0], "ms_float_group": ms.get(1, ms[0]),
-            "rss_added_mb": round(added, 1), "kernels": sorted(kernels)}
+            "rss_added_mb": round(added, 1), "kernels": sorted(kernels),
+            "openvino_vs_onnxruntime": round(max(agreement), 5)}
 
 
 def _rss_mb() -> float:
@@ -222,9 +261,9 @@ def main(argv=None) -> int:
           f"{weights_mb['conv']:.1f} MB, linear (width {args.linear_width}) "
           f"{weights_mb['linear']:.1f} MB\n")
     print(markdown_table(("layers", "form", "call ms, int8 group", "call ms, float group",
-                          "RSS added MB", "kernels (exec type)"),
+                          "RSS added MB", "OpenVINO vs ONNX Runtime", "kernels (exec type)"),
                          [(r["kind"], r["form"], r["ms"], r["ms_float_group"], r["rss_added_mb"],
-                           ", ".join(r["kernels"])) for r in rows]))
+                           r["openvino_vs_onnxruntime"], ", ".join(r["kernels"])) for r in rows]))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(
         {"machine": machine(), "widths": widths, "depth": args.depth, "calls": args.calls,

@@ -6,17 +6,20 @@ each group (RAQ's step-wise schedule): int8, or float. What each choice costs fo
 deployed form (``dq_export.mixed_precision``), measured by ``benchmarks/mixed_form.py``:
 
 - Conv: int8 weights and input; or float input on the FP32 weights (OpenVINO would expand
-  int8 weights to FP32 for a float input anyway, in more memory); a layer int8 in some
-  groups and float in others holds both copies, and each step runs its group's kernel.
-- Linear: int8 weights with an int8 input and/or a float input (OpenVINO decompresses
-  them; both in one layer: two copies), int4 weights with a float input, or FP32. Int4
-  weights with an int8 input are no candidate: OpenVINO runs them as a decompressing float
-  kernel behind a FakeQuantize, no faster than a float input and less exact.
+  int8 weights to FP32 for a float input anyway, in more memory).
+- Linear: int8 weights with an int8 and/or a float input (OpenVINO decompresses them), int4
+  weights with a float input, or FP32. Int4 weights with an int8 input are no candidate:
+  OpenVINO runs them as a decompressing float kernel behind a FakeQuantize, no faster than
+  a float input and less exact.
+- A layer int8 in some groups and float in others runs both kernels at every step (one
+  graph cannot switch a FakeQuantize off) and holds both weights (a Conv's int8 and FP32,
+  a Linear's one int8 copy): the allocation charges both, so it takes such a layer only
+  where that pays.
 
 Distortion is additive (the paper's property 1): a choice costs the sum over groups, each
 weighted by its share of steps, of its weights' and its inputs' curve points. Rate is the
-UNet's weight bytes (as the IR stores them and the CPU plugin holds them), and optionally
-the time of a step, averaged over the groups, from per-layer profiles. For multipliers
+UNet's weight bytes (as the IR stores them; the CPU plugin holds about as much), and
+optionally the time of a step from per-layer profiles of each kernel on this CPU. For multipliers
 (lambda, mu) every layer independently takes the choice minimising D + lambda S + mu T;
 the search finds the smallest multipliers whose choices meet the budget: linear in the
 number of layers.
@@ -123,19 +126,18 @@ def candidates(kind: str, groups: int) -> list[Choice]:
 
 
 def weight_bytes(kind: str, params: int, choice: Choice) -> float:
-    """Bytes of the layer's weights in the IR and in the CPU plugin: one copy per path."""
+    """Bytes of the layer's weights in the IR: a Conv's int8 and/or FP32 copy, a Linear's
+    one copy."""
     if kind == "conv":
         return params * ((8 in choice.paths()) + 4 * (FLOAT in choice.paths()))
-    return params * choice.weight_bits / 8 * len(choice.paths())
+    return params * choice.weight_bits / 8
 
 
-def kernel(kind: str, choice: Choice, group: int) -> str:
-    """The kernel (one of ``FORMS``) the layer runs at a step of ``group``."""
-    if choice.activations[group] == 8:
-        return "int8"
-    if kind == "linear" and choice.weight_bits < FLOAT:
-        return f"w{choice.weight_bits}-float"
-    return "fp32"
+def kernels(kind: str, choice: Choice) -> list[str]:
+    """The kernels (``FORMS``) the layer runs at every step: both where the groups differ."""
+    float_kernel = (f"w{choice.weight_bits}-float" if kind == "linear"
+                    and choice.weight_bits < FLOAT else "fp32")
+    return [{8: "int8", FLOAT: float_kernel}[a] for a in sorted(choice.paths())]
 
 
 def distortion(layer: LayerCurves, choice: Choice, shares: list[float]) -> float:
@@ -172,8 +174,7 @@ def table(layers: list[LayerCurves], shares: list[float]) -> Table:
             dist[i, j] = distortion(layer, choice, shares)
             size[i, j] = weight_bytes(layer.kind, layer.params, choice)
             if timed:
-                ms[i, j] = sum(share * layer.ms[kernel(layer.kind, choice, g)]
-                               for g, share in enumerate(shares))
+                ms[i, j] = sum(layer.ms[k] for k in kernels(layer.kind, choice))
     return Table([layer.name for layer in layers], options, dist, size, ms if timed else None)
 
 

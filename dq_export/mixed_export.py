@@ -18,8 +18,8 @@ from calibration.allocation import (FLOAT, Allocation, LayerCurves, allocate, pa
                                     table)
 from calibration.fit import QuantParams
 from calibration.layers import quantized_layers, shortcut_splits
-from calibration.rd_curves import (STEPS_PER_GROUP, build_curves, cached_curves, curves_key,
-                                   layer_kind, load_curves)
+from calibration import rd_curves
+from calibration.rd_curves import build_curves, cached_curves, curves_key, layer_kind, load_curves
 from dq_export.mixed_precision import Plan, plan
 
 CURVES_FILE = "rd_curves.json"
@@ -29,9 +29,9 @@ OPENVINO_FORM = {
     "form": "shared_scales+dual_path",
     "what": "one graph for all groups: unit-scale int8 quantizers with each step's scales as "
             "runtime multipliers; a layer whose input is int8 in some groups and float in "
-            "others runs both kernels at every step, their outputs weighted 0/1 by per-step "
-            "tables (a Conv's float path on its FP32 weights, a Linear's on its own int8 "
-            "weights); the allocation charges both",
+            "others runs both kernels at every step, summed with per-step 0/1 weights (a "
+            "Conv's float path on its FP32 weights, a Linear's on its int8 weights); the "
+            "allocation charges both kernels' time and both weight copies",
 }
 
 
@@ -65,9 +65,10 @@ def choose(components, params: QuantParams, summary: dict, recipe, fp32_onnx: Pa
     ms = latency["layers"] if latency else None
     rates = check_reachable(unet, recipe, latency)
     identity = {k: v for k, v in summary.items() if k != "seconds"}
-    key = curves_key(params, identity, STEPS_PER_GROUP)
-    curves = cached_curves(summary["cache_dir"], key, lambda: build_curves(
-        unet, params, load_inputs(summary["cache_dir"]), splits, progress=progress))
+    per_group = rd_curves.STEPS_PER_GROUP
+    curves = cached_curves(summary["cache_dir"], curves_key(params, identity, per_group),
+                           lambda: build_curves(unet, params, load_inputs(summary["cache_dir"]),
+                                                splits, per_group, progress))
     result = allocate(table(load_curves(curves, ms), curves["shares"]), budget, *rates)
     return MixedUNet(result, plan(unet, params, result.choices, splits), curves, latency)
 

@@ -5,12 +5,17 @@ between timestep groups (RAQ's step-wise precision), with weights shared by all 
   QuantizeLinear/DequantizeLinear pair (``drop_activation_quantizers``).
 - OpenVINO, one graph for all groups: a FakeQuantize cannot be switched off at run time
   (and a non-constant range would make OpenVINO run it in FP32), so a layer that is int8 in
-  some groups and float in others gets both paths as the two branches of an ``If`` on
-  ``Gather(table, step_index)`` (``switch_paths``): only the taken branch runs, and each
-  holds its weights as its own constants (the int8 branch's quantizers stay constant-range,
-  so its kernel is int8). The price is memory: both copies of the weights, which the
-  allocation charges (``calibration.allocation``). Summing both paths with 0/1 weights
-  instead runs both kernels at every step (``benchmarks/mixed_form.py`` measures both).
+  some groups and float in others gets both paths, summed with per-step 0/1 weights
+  (``add_float_paths``):
+
+      y = s_t · W·DQ(Q(x · u_t, 1)) + m_t · W'·x + b
+
+  with (s_t, u_t, m_t) = (s, 1/s, 0) at int8 steps and (0, 1, 1) at float steps, all read
+  by ``Gather(table, step_index)``; W' is a Conv's FP32 weights, a Linear's own int8 ones.
+  Both kernels run at every step, and the allocation charges both
+  (``calibration.allocation``). An ``If`` on the step that runs only one branch is faster,
+  but OpenVINO 2026.4 computed some layers' int8 branch wrongly (``benchmarks/mixed_form.py``
+  keeps it for measurement).
 """
 
 from __future__ import annotations
@@ -51,6 +56,64 @@ def drop_activation_quantizers(model: onnx.ModelProto, keys: set[str]) -> None:
 
 def float_weight_name(key: str) -> str:
     return f"{key}.weight_float_path"
+
+
+def path_tables(scales: np.ndarray, float_steps: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-step tables of one dual-path layer: the int8 path's output multiplier (the scale,
+    0 at float steps), its input multiplier (1/scale, 1 at float steps: finite, so the
+    switched-off path computes zeros, never NaN) and the float path's 0/1 weight."""
+    scales = np.asarray(scales, np.float32)
+    return {"y_scale_table": np.where(float_steps, 0, scales).astype(np.float32),
+            "inverse_y_scale_table": np.where(float_steps, 1, 1 / scales).astype(np.float32),
+            "float_path_table": float_steps.astype(np.float32)}
+
+
+def add_float_paths(model: onnx.ModelProto, layers: dict[str, LayerNode],
+                    float_steps: dict[str, np.ndarray],
+                    float_weights: dict[str, np.ndarray]) -> None:
+    """On a shared-scale graph (``dq_export.shared_scales``): give each layer of
+    ``float_steps`` (key -> bool per calibrated step) a float twin of its kernel, summed
+    with its int8 path under the step's 0/1 tables. The twin reads ``float_weights[key]``
+    where given (convolutions: OpenVINO would expand int8 weights to FP32 for a float input
+    anyway, in more memory than the FP32 weights themselves), else the layer's own
+    dequantized weights (Linear layers: OpenVINO keeps them compressed)."""
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    by_name = {node.name: node for node in graph.node}
+    for key, steps in float_steps.items():
+        steps = np.asarray(steps, bool)
+        scales = numpy_helper.to_array(inits[f"{key}.y_scale_table"])
+        for name, values in path_tables(scales, steps).items():
+            tensor = numpy_helper.from_array(values, f"{key}.{name}")
+            if f"{key}.{name}" in inits:
+                inits[f"{key}.{name}"].CopyFrom(tensor)
+            else:
+                graph.initializer.append(tensor)
+        kernel = layers[key].node
+        source = by_name[f"{key}/ToIntegerUnits"].input[0]
+        rescale = by_name[f"{key}/FromIntegerUnits"]
+        int8_out = f"{key}.int8_path"
+        joined = rescale.output[0]
+        rescale.output[0] = int8_out
+        weight = kernel.input[1]
+        if key in float_weights:
+            weight = float_weight_name(key)
+            graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(float_weights[key], np.float32), weight))
+        twin = helper.make_node(kernel.op_type, [source, weight, *kernel.input[2:]],
+                                [f"{key}.float_path"], name=f"{key}/FloatPath")
+        twin.attribute.extend(kernel.attribute)
+        new = [twin,
+               helper.make_node("Gather", [f"{key}.float_path_table", STEP_INDEX],
+                                [f"{key}.float_path_weight"], name=f"{key}/GatherFloatPath",
+                                axis=0),
+               helper.make_node("Mul", [f"{key}.float_path", f"{key}.float_path_weight"],
+                                [f"{key}.float_path_weighted"], name=f"{key}/WeighFloatPath"),
+               helper.make_node("Add", [int8_out, f"{key}.float_path_weighted"], [joined],
+                                name=f"{key}/JoinPaths")]
+        index = list(graph.node).index(rescale) + 1
+        for offset, node in enumerate(new):
+            graph.node.insert(index + offset, node)
 
 
 @dataclass
@@ -127,90 +190,9 @@ def write_shared_graph(fp32_onnx: Path, path: Path, unet, recipe, p: Plan) -> Pa
     """The one OpenVINO graph: shared scales, and both paths where groups differ."""
     def activations(model, layers, params):
         quantize_activations_shared(model, layers, params)
-        switch_paths(model, layers, p.float_steps, p.float_weights)
+        add_float_paths(model, layers, p.float_steps, p.float_weights)
 
     save_with_external_data(_base_graph(fp32_onnx, unet, recipe, p, activations), path,
                             path.name + ".data")
     return path
 
-
-def switch_paths(model: onnx.ModelProto, layers: dict[str, LayerNode],
-                 float_steps: dict[str, np.ndarray],
-                 float_weights: dict[str, np.ndarray]) -> None:
-    """On a shared-scale graph: put each layer of ``float_steps`` under an ``If`` on the
-    step's table entry, its int8 path in one branch and a float kernel (``float_weights``
-    where given, else the layer's own dequantized weights) in the other. Only the taken
-    branch runs; each branch holds its weights as its own constants, so OpenVINO keeps the
-    int8 branch's quantizers constant-range (int8 kernels) and the float branch's weights
-    packed."""
-    graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    by_name = {node.name: node for node in graph.node}
-    for key, steps in float_steps.items():
-        kernel = layers[key].node
-        weight_dq = by_name[f"{key}.weight/DequantizeLinear"]
-        moved = [by_name[f"{key}/{n}"] for n in ("ToIntegerUnits", "QuantizeLinear",
-                                                 "DequantizeLinear")]
-        rescale = by_name[f"{key}/FromIntegerUnits"]
-        source, output = moved[0].input[0], rescale.output[0]
-        int8_nodes = [weight_dq, *moved, kernel, rescale]
-        int8_inits = [inits[n] for n in (*weight_dq.input, f"{key}.y_zero_point")]
-        unit = numpy_helper.from_array(np.float32(1.0), f"{key}.unit_scale")
-        int8_body = _body(f"{key}.int8_path", int8_nodes, [*int8_inits, unit], output,
-                          {"unit_scale": unit.name})
-        weight = kernel.input[1]
-        float_inits, float_nodes = [], []
-        if key in float_weights:
-            weight = float_weight_name(key)
-            float_inits.append(numpy_helper.from_array(
-                np.ascontiguousarray(float_weights[key], np.float32), weight))
-        else:  # its own copy of the int8 weights and their dequantization, under names of
-            # its own (OpenVINO's ONNX reader mixes up equal names in sibling branches)
-            dq = onnx.NodeProto()
-            dq.CopyFrom(weight_dq)
-            for i, name in enumerate(dq.input):
-                dq.input[i] = f"{name}.float_path"
-                tensor = onnx.TensorProto()
-                tensor.CopyFrom(inits[name])
-                tensor.name = dq.input[i]
-                float_inits.append(tensor)
-            dq.output[0] = weight = f"{dq.output[0]}.float_path"
-            dq.name = f"{dq.name}.float_path"
-            float_nodes.append(dq)
-        twin = helper.make_node(kernel.op_type, [source, weight, *kernel.input[2:]],
-                                [output], name=f"{key}/FloatPath")
-        twin.attribute.extend(kernel.attribute)
-        float_body = _body(f"{key}.float_path", [*float_nodes, twin], float_inits, output, {})
-        graph.initializer.append(numpy_helper.from_array(np.asarray(steps, bool),
-                                                         f"{key}.float_path_table"))
-        switch = [helper.make_node("Gather", [f"{key}.float_path_table", STEP_INDEX],
-                                   [f"{key}.float_path_taken"], name=f"{key}/GatherFloatPath",
-                                   axis=0),
-                  helper.make_node("If", [f"{key}.float_path_taken"], [output],
-                                   name=f"{key}/SwitchPaths", then_branch=float_body,
-                                   else_branch=int8_body)]
-        index = list(graph.node).index(rescale)
-        for offset, node in enumerate(switch):
-            graph.node.insert(index + offset, node)
-        for node in int8_nodes:
-            graph.node.remove(node)
-        for tensor in int8_inits:
-            graph.initializer.remove(tensor)
-
-
-def _body(name: str, nodes: list, initializers: list, output: str,
-          renames: dict[str, str]) -> onnx.GraphProto:
-    """A branch graph of copies of ``nodes``, with its own initializers; ``renames`` maps
-    outer names its nodes must not read from outside (constants) to the branch's own."""
-    copies = []
-    for node in nodes:
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        for i, value in enumerate(copy.input):
-            copy.input[i] = renames.get(value, value)
-        copies.append(copy)
-    out = f"{name}.output"
-    copies[-1].output[0] = out
-    return helper.make_graph(copies, name, [],
-                             [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, None)],
-                             list(initializers))

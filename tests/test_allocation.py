@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from calibration.allocation import (FLOAT, Budget, Choice, LayerCurves, allocate, candidates,
-                                    kernel, lagrangian, parse_budget, table, totals,
+                                    kernels, lagrangian, parse_budget, table, totals,
                                     weight_bytes)
 from dq_export.errors import UserError
 
@@ -50,15 +50,15 @@ def test_candidates_are_the_executable_forms_with_their_bytes_and_kernels():
     conv, linear = candidates("conv", 2), candidates("linear", 2)
     assert len(conv) == 4 and len(linear) == 6
     assert Choice(4, (8, 8)) not in linear  # int4 weights only with a float input
-    switched = Choice(8, (8, FLOAT))
-    assert weight_bytes("conv", 100, switched) == 100 + 400  # int8 and FP32 copies
-    assert [kernel("conv", switched, g) for g in (0, 1)] == ["int8", "fp32"]
-    assert switched.weights_in("conv", 1) == FLOAT
-    assert weight_bytes("linear", 100, switched) == 200  # each branch its own int8 copy
-    assert weight_bytes("linear", 100, Choice(8, (FLOAT, FLOAT))) == 100
+    dual = Choice(8, (8, FLOAT))
+    assert weight_bytes("conv", 100, dual) == 100 + 400  # int8 and FP32 copies
+    assert kernels("conv", dual) == ["int8", "fp32"]  # both run at every step
+    assert dual.weights_in("conv", 1) == FLOAT and dual.weights_in("linear", 1) == 8
+    assert weight_bytes("linear", 100, dual) == 100  # both paths read one int8 copy
+    assert kernels("linear", dual) == ["int8", "w8-float"]
     assert weight_bytes("linear", 100, Choice(4, (FLOAT, FLOAT))) == 50
-    assert [kernel("linear", switched, g) for g in (0, 1)] == ["int8", "w8-float"]
-    assert kernel("linear", Choice(4, (FLOAT, FLOAT)), 0) == "w4-float"
+    assert kernels("linear", Choice(4, (FLOAT, FLOAT))) == ["w4-float"]
+    assert kernels("linear", Choice(FLOAT, (FLOAT, FLOAT))) == ["fp32"]
 
 
 def test_slope_search_is_optimal_for_the_size_it_reaches_brute_force():

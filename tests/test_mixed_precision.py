@@ -19,7 +19,7 @@ from dq_export.mixed_precision import plan, simulation, write_group_graphs, writ
 from dq_export.recipe import TINY_CALIBRATION, Recipe
 
 F = FLOAT
-# every candidate form, each used by some layers: int8, float, switched, int4, FP32
+# every candidate form, each used by some layers: int8, float, dual path, int4, FP32
 CONV = [Choice(8, (8, 8, 8, 8)), Choice(F, (F, F, F, F)), Choice(8, (F, 8, F, 8))]
 LINEAR = [Choice(8, (8, 8, 8, 8)), Choice(8, (F, F, F, F)), Choice(8, (8, F, 8, F)),
           Choice(4, (F, F, F, F)), Choice(F, (F, F, F, F))]
@@ -55,17 +55,17 @@ def mixed(tiny_w8a8, tiny_export, tmp_path_factory):
                 groups=groups, xml=xml, calls=calls, splits=splits)
 
 
-def test_plan_has_switched_layers_of_both_kinds(mixed):
+def test_plan_has_dual_path_layers_of_both_kinds(mixed):
     p, kinds = mixed["plan"], mixed["kinds"]
-    switched = {k.split("#")[0] for k in p.float_steps}
-    assert {kinds[n] for n in switched} == {"conv", "linear"}
+    dual = {k.split("#")[0] for k in p.float_steps}
+    assert {kinds[n] for n in dual} == {"conv", "linear"}
     assert set(p.float_weights) == {k for k in p.float_steps if kinds[k.split("#")[0]] == "conv"}
     float_everywhere = [n for n, c in mixed["choices"].items() if 8 not in c.paths()]
     assert not {k.split("#")[0] for k in p.params.activations} & set(float_everywhere)
 
 
 def test_openvino_and_onnx_runtime_compute_the_simulation_in_every_group(mixed):
-    """One call per group: the OpenVINO graph (If per switched layer) and the group's ONNX
+    """One call per group: the OpenVINO graph (both paths on dual-path layers) and the group's ONNX
     graph each lie as close to the torch simulation of that group's precisions as the
     W8A8 test asks (tests/test_quantized_export.py); and switching a group's layers to
     float makes the simulation measurably different from the all-int8 one."""
@@ -106,8 +106,8 @@ def _torch(unet, call):
 
 
 def test_the_ir_holds_the_weights_the_allocation_charges(mixed):
-    """The .bin holds about the bytes the rate counts: int8 and FP32 copies of switched
-    convolutions, two int8 copies of a switched Linear, int4, FP32 (per-channel scales and
+    """The .bin holds about the bytes the rate counts: int8 and FP32 copies of dual-path
+    convolutions, one int8 copy of a dual-path Linear, int4, FP32 (per-channel scales and
     step tables on top)."""
     from dq_export.mixed_export import fixed_bytes
 
@@ -119,3 +119,46 @@ def test_the_ir_holds_the_weights_the_allocation_charges(mixed):
     stored = mixed["xml"].with_suffix(".bin").stat().st_size
     print(f"IR .bin {stored} bytes, charged {charged:.0f}")
     assert charged <= stored < 1.06 * charged
+
+
+def test_budget_export_end_to_end(tiny_w8a8, tmp_path, monkeypatch):
+    """``--budget`` with both rates on tiny-sd: curves, kernel timings, the slope search,
+    graphs that meet the budget, the manifest entry and chart, and a pipeline that runs."""
+    from calibration import rd_curves
+    from deploy import Pipeline
+    from dq_export.export import export
+    from dq_export.manifest import read_manifest
+
+    monkeypatch.setattr(rd_curves, "STEPS_PER_GROUP", 1)  # one step a group: seconds
+    recipe = Recipe(bits="w8a8", seed=0, **{**TINY_CALIBRATION, "groups": 2},
+                    budget="size=1.4MB,latency=1.5x")
+    out = tmp_path / "mixed"
+    export("tiny-sd", out, recipe, init="random", calibration_dir=tiny_w8a8.parent / "calibration")
+    manifest = read_manifest(out)  # every file hashed, the chart and curves among them
+    q = manifest["quantization"]
+    entry = q["allocation"]
+    assert q["openvino_form"]["form"] == "shared_scales+dual_path"
+    assert entry["weight_bytes"] <= 1.4e6 and entry["latency_vs_int8"] <= 1.5
+    assert set(entry["files"].values()) <= set(manifest["files"])
+    assert len(entry["layers"]) == 132 and len(q["groups"]) == 2
+    assert {layer["weights"] for layer in entry["layers"].values()} <= {4, 8, 32}
+    curves = json.loads((out / "rd_curves.json").read_text())
+    assert len(curves["steps_measured"]) == 2 and all(len(s) == 1 for s in curves["steps_measured"])
+    assert [p.name for p in (out / "onnx").glob("unet_group*.onnx")] != []
+    pipe = Pipeline.load(out)
+    assert pipe.generate("a handwritten digit 3", steps=2, seed=0).images[0].size == (64, 64)
+
+
+def test_an_unreachable_budget_is_one_line_naming_the_smallest_size(tmp_path, capsys):
+    from dq_export.cli import main
+
+    out = tmp_path / "never"
+    code = main(["--model", "tiny-sd", "--init", "random", "--bits", "w8a8", "--budget",
+                 "size=1MB", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and not out.exists()
+    assert "smallest reachable UNet is 1.3 MB" in err[0]
+    with pytest.raises(UserError, match="--budget allocates"):
+        Recipe(bits="w4a8", budget="size=2MB").check()
+    assert main(["--model", "tiny-sd", "--bits", "w8a8", "--budget", "size=lots"]) == 2
+    assert "--budget 'size=lots'" in capsys.readouterr().err
