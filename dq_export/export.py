@@ -163,13 +163,14 @@ def _export_into(model: str, root: Path, recipe: Recipe, init: str, prompts: Pat
     if recipe.quantized and recipe.method == "dq":
         with stage("QDQ graphs per timestep group"):
             fp32_unet = onnx_paths["unet"]
-            writers = mixed_export.writers(mixed.plan) if mixed else (
-                write_group_graphs, write_shared_graph, params)
-            unet_onnx = writers[0](fp32_unet, root / "onnx", components.unet, recipe, writers[2])
+            group_graphs, shared_graph, plan = write_group_graphs, write_shared_graph, params
+            if mixed is not None:  # per-layer weights, per-group inputs (--budget)
+                group_graphs, shared_graph, plan = mixed_export.writers(mixed.plan)
+            unet_onnx = group_graphs(fp32_unet, root / "onnx", components.unet, recipe, plan)
             graphs["unet"] = unet_onnx[0]
             if params is not None:
-                graphs["unet"] = writers[1](fp32_unet, root / "unet_shared.onnx",
-                                            components.unet, recipe, writers[2])
+                graphs["unet"] = shared_graph(fp32_unet, root / "unet_shared.onnx",
+                                              components.unet, recipe, plan)
             _remove_graph(fp32_unet)
     ir_paths = {}
     for name, path in graphs.items():
