@@ -6,12 +6,12 @@ export's own code and cache), then quantizes random sets of layers together (eac
 random curve point: int8 or int4 weights, int8 input, or both) and the uniform recipes
 (all W8A8, all weights, all inputs, W4A8), measures the joint distortion on the UNet output
 per timestep group, and plots it against the sum of the single-layer points. Then it times
-the slope search from the cached curves under a sweep of size budgets, and draws one
-allocation (figure 9's form).
+the slope search from the cached curves under a sweep of size budgets, and draws the
+allocation at uniform W8A8's size (figure 9's form).
 
     python benchmarks/additivity.py --model tiny-sd --out benchmarks/results/additivity-tiny-sd
     python benchmarks/additivity.py --model sd14 --init random --size 64 --calib-prompts 1 \\
-        --calib-steps 10 --groups 2 --steps-per-group 1 --conditional-only \
+        --calib-steps 10 --groups 1 --steps-per-group 1 --conditional-only \
         --out benchmarks/results/additivity-sd14
 """
 
@@ -63,7 +63,7 @@ def predicted(curves: dict, config: dict) -> np.ndarray:
 
 def allocation_timing(curves: dict, unet, params, out: Path, label: str) -> dict:
     """Seconds of the slope search from the cached curves, over a sweep of size budgets
-    from the smallest reachable size to FP32's; draws the allocation at W4A8's size."""
+    from the smallest reachable size (W4A8's) to FP32's; draws the allocation at W8A8's."""
     from calibration.allocation import Budget, Choice, allocate, table, weight_bytes
     from calibration.rd_curves import load_curves
     from dq_export.allocation_chart import draw
@@ -75,24 +75,25 @@ def allocation_timing(curves: dict, unet, params, out: Path, label: str) -> dict
     build = time.perf_counter() - start
     fixed = fixed_bytes(unet)
     groups = len(curves["shares"])
-    w4a8 = fixed + sum(weight_bytes(layer.kind, layer.params, Choice(
-        4 if layer.kind == "linear" else 8, (8,) * groups)) for layer in layers)
+    w4a8, w8a8 = (fixed + sum(weight_bytes(layer.kind, layer.params, Choice(
+        4 if layer.kind == "linear" and four else 8, (8,) * groups)) for layer in layers)
+        for four in (True, False))
     low, high = fixed + t.size.min(axis=1).sum(), fixed + 4 * sum(x.params for x in layers)
     rows = []
-    for size in [w4a8, *np.linspace(low, high, 8)]:
+    for size in [w4a8, w8a8, *np.linspace(low, high, 8)]:
         start = time.perf_counter()
         result = allocate(t, Budget(size_bytes=float(size)), fixed)
         rows.append({"budget_mb": round(size / 1e6, 3), "size_mb": round(result.size_bytes / 1e6, 3),
                      "predicted_distortion": result.distortion,
                      "seconds": round(time.perf_counter() - start, 4)})
     kinds = {layer.name: layer.kind for layer in layers}
-    result = allocate(t, Budget(size_bytes=w4a8), fixed)
+    result = allocate(t, Budget(size_bytes=w8a8), fixed)
     draw(result.choices, kinds, params.groups, params.timesteps, out / "allocation.png",
-         f"{label}: allocation at W4A8's size ({w4a8 / 1e6:.1f} MB), predicted distortion "
+         f"{label}: allocation at W8A8's size ({w8a8 / 1e6:.1f} MB), predicted distortion "
          f"{result.distortion:.3g}")
     return {"table_seconds": round(build, 4), "layers": len(layers),
             "candidates_per_layer": int(np.isfinite(t.size).sum(axis=1).max()),
-            "w4a8_mb": round(w4a8 / 1e6, 3), "budgets": rows}
+            "w4a8_mb": round(w4a8 / 1e6, 3), "w8a8_mb": round(w8a8 / 1e6, 3), "budgets": rows}
 
 
 def chart(points: list[dict], path: Path, title: str) -> None:
