@@ -239,7 +239,7 @@ def allocate(t: Table, budget: Budget, fixed_bytes: float = 0.0, fixed_ms: float
     fastest = (fixed_ms + t.ms.min(axis=1).sum()) if t.ms is not None else None
     if size_cap < t.size.min(axis=1).sum():
         raise UserError(f"--budget size={budget.size_bytes / 1e6:g}MB cannot be met: the "
-                        f"smallest reachable UNet is {smallest / 1e6:.1f} MB")
+                        f"smallest reachable UNet is {smallest / 1e6:.4g} MB")
     if fastest is not None and budget.latency is not None and fixed_ms + time_cap < fastest:
         raise UserError(f"--budget latency={budget.latency:g}x cannot be met: the fastest "
                         f"reachable step is {fastest / int8_ms:.3f}x the all-int8 step")
@@ -257,7 +257,7 @@ def allocate(t: Table, budget: Budget, fixed_bytes: float = 0.0, fixed_ms: float
     size_weight = size_weight_for(time_weight or 0.0) if time_weight is not None else None
     if size_weight is None:
         raise UserError(f"--budget {budget.text()} cannot be met together: alone, the "
-                        f"smallest reachable UNet is {smallest / 1e6:.1f} MB and the fastest "
+                        f"smallest reachable UNet is {smallest / 1e6:.4g} MB and the fastest "
                         f"step {fastest / int8_ms:.3f}x the all-int8 step")
     picks = lagrangian(t, size_weight, time_weight)
     d, size, ms = totals(t, picks)

@@ -124,14 +124,17 @@ class Plan:
     float_steps: dict[str, np.ndarray]  # dual-path key -> float input at each step
     float_weights: dict[str, np.ndarray]  # dual-path Conv key -> its FP32 weights
 
-    def float_keys(self, group: int, params: QuantParams) -> set[str]:
+    def float_keys(self, group: int) -> set[str]:
         """Dual-path keys whose input is float in ``group``."""
-        step = params.groups[group][0]
+        step = self.params.groups[group][0]
         return {k for k, steps in self.float_steps.items() if steps[step]}
 
 
 def plan(unet, params: QuantParams, choices: dict[str, Choice],
          splits: dict[str, int]) -> Plan:
+    """The allocation's ``choices`` (layer -> Choice) as weight bits, the quantizers of the
+    layers int8 somewhere, and each dual-path key's float steps (and a Conv's FP32 weights,
+    split like its input for a split shortcut)."""
     modules = quantized_layers(unet)
     group_of = params.group_of()
     everywhere_float = [n for n, c in choices.items() if 8 not in c.paths()]
@@ -176,7 +179,7 @@ def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe, p: Plan) ->
         model = onnx.ModelProto()
         model.CopyFrom(base)
         set_group(model, p.params, g)
-        dropped = p.float_keys(g, p.params)
+        dropped = p.float_keys(g)
         consumers = {name: node for node in model.graph.node for name in node.input}
         for key in dropped & set(p.float_weights):  # a Conv's float path: FP32 weights
             consumers[f"{key}.dequantized"].input[1] = float_weight_name(key)

@@ -101,7 +101,7 @@ def test_unreachable_budgets_name_the_smallest_reachable_size_and_latency():
     rng = np.random.default_rng(2)
     t = table(random_layers(rng, 4, 2, timed=True), [0.5, 0.5])
     smallest = t.size.min(axis=1).sum() + 1000
-    with pytest.raises(UserError, match=f"smallest reachable UNet is {smallest / 1e6:.1f} MB"):
+    with pytest.raises(UserError, match=f"smallest reachable UNet is {smallest / 1e6:.4g} MB"):
         allocate(t, Budget(size_bytes=smallest - 1), fixed_bytes=1000)
     assert allocate(t, Budget(size_bytes=smallest), fixed_bytes=1000).size_bytes <= smallest
     with pytest.raises(UserError, match="fastest reachable step is"):
