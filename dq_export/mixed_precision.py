@@ -184,9 +184,26 @@ def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe, p: Plan) ->
         for key in dropped & set(p.float_weights):  # a Conv's float path: FP32 weights
             consumers[f"{key}.dequantized"].input[1] = float_weight_name(key)
         drop_activation_quantizers(model, dropped)
+        _prune(model.graph)
         onnx.save_model(model, str(path))
         onnx.checker.check_model(str(path))  # by path: it reads the shared weight file
     return paths
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes whose outputs nothing reads (a float-path Conv's int8 weight dequantizer)
+    and the initializers left unread: each group's graph holds only what it runs (its
+    external tensors stay in the shared file)."""
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    for tensor in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(tensor)
 
 
 def write_shared_graph(fp32_onnx: Path, path: Path, unet, recipe, p: Plan) -> Path:
