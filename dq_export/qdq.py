@@ -83,9 +83,15 @@ def find_attentions(model: onnx.ModelProto, names: set[str]) -> dict[str, Attent
 
     The torch exporter writes ``softmax((q*c) @ (k^T*c)) @ v`` with c = scale^1/2 and q, k, v
     split into heads: q, k and v are quantized at their projections' outputs (as
-    calibrated), the softmax output p where it enters the second MatMul.
+    calibrated), the softmax output p where it enters the second MatMul. In an opset-21
+    graph (int4 weights) q, k and v are quantized after the head split, where they enter
+    the products (q and k before their ``* c``): ONNX Runtime's QDQ propagation mistypes
+    the Q it copies behind a Reshape there (the graph fails to load; onnxruntime#27845).
     """
     producers = {out: node for node in model.graph.node for out in node.output}
+    walk_through = ("Reshape", "Transpose", "Mul")
+    if model.opset_import[0].version >= INT4_OPSET:
+        walk_through = ("Mul",)
     by_module: dict[str, list] = {}
     for node in model.graph.node:
         if node.op_type == "MatMul" and module_name(node.name) in names:
@@ -104,19 +110,22 @@ def find_attentions(model: onnx.ModelProto, names: set[str]) -> dict[str, Attent
         for operand, (node, index) in zip(ATTENTION_OPERANDS, ((scores, 0), (scores, 1),
                                                               (output, 1), (output, 0))):
             if operand in PROJECTIONS:
-                node, index = _projection_edge(node, index, producers)
+                node, index = _projection_edge(node, index, producers, walk_through)
             edges[operand] = Edge(f"{name}@{operand}", node, index)
         found[name] = AttentionNodes(name, scores, output, edges)
     return found
 
 
-def _projection_edge(node: onnx.NodeProto, index: int, producers: dict) -> tuple:
-    """Walk from a product's input back through the head split (Reshape, Transpose) and
-    the ``* c`` scaling to the projection's output: the quantizer goes there, so its scale
-    is the calibrated one and OpenVINO moves int8, not float, through the head split."""
+def _projection_edge(node: onnx.NodeProto, index: int, producers: dict,
+                     walk_through: tuple[str, ...]) -> tuple:
+    """Walk from a product's input back through the ``* c`` scaling and (``walk_through``)
+    the head split (Reshape, Transpose) to the projection's output: the quantizer goes
+    there, so its scale is the calibrated one and OpenVINO moves int8, not float, through
+    the head split. The walk stops before the ``* c``, and a Reshape or Transpose only moves
+    values, so the projection's calibrated scale holds wherever it stops."""
     while True:
         before = producers.get(node.input[index])
-        if before is None or before.op_type not in ("Reshape", "Transpose", "Mul"):
+        if before is None or before.op_type not in walk_through:
             return node, index
         node, index = before, _data_input(before, producers)
 
