@@ -35,14 +35,18 @@ def fake_quant_weight(weight: np.ndarray, bits: int = 8, split: int | None = Non
 def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
                    splits: dict[str, int], bits: dict[str, int] | None = None):
     """Within the block, ``unet`` runs with quantize-dequantized weights (``bits`` per layer,
-    default 8) and (if ``params``) quantized inputs and attention operands (the outputs of
-    to_q, to_k, to_v, where ``params`` has them), with ``group``'s scales, or ``step``'s on
-    per-step-table layers; what ``params`` leaves out stays float."""
+    default 8; 32 leaves a layer's weights float) and (if ``params``) quantized inputs and
+    attention operands (the outputs of to_q, to_k, to_v, where ``params`` has them), with
+    ``group``'s scales, or ``step``'s on per-step-table layers; what ``params`` leaves out
+    stays float."""
     import torch
 
-    layers = quantized_layers(unet)
+    bits = bits or {}
+    layers = {n: m for n, m in quantized_layers(unet).items() if bits.get(n, 8) < 32}
     modules = dict(unet.named_modules())
     originals = {name: m.weight.data.clone() for name, m in layers.items()}
+    hooked = {n: m for n, m in quantized_layers(unet).items() if params is not None and all(
+        k in params.activations for k in activation_keys(n, splits))}
 
     def quantized(key, x):
         q = params.activations.get(key)
@@ -68,10 +72,9 @@ def fake_quantized(unet, params: QuantParams | None, group: int, step: int,
     try:
         for name, module in layers.items():
             module.weight.data = torch.from_numpy(
-                fake_quant_weight(originals[name].numpy(), (bits or {}).get(name, 8),
-                                  splits.get(name)))
-            if params is not None:
-                handles.append(module.register_forward_pre_hook(input_hook(name)))
+                fake_quant_weight(originals[name].numpy(), bits.get(name, 8), splits.get(name)))
+        for name, module in (quantized_layers(unet).items() if params else ()):
+            handles.append(module.register_forward_pre_hook(input_hook(name)))
         for name, projections in (attention_modules(unet).items() if params else ()):
             handles += [modules[p].register_forward_hook(output_hook(key))
                         for key, p in zip(attention_keys(name, PROJECTIONS), projections)]

@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: profile every layer on this CPU with OpenVINO and keep the "
                         "input in float where int8 is not faster; none: int8 everywhere "
                         "(default none)")
+    q.add_argument("--budget", action="append", default=None,
+                   help="mixed precision by rate-distortion allocation: size=700MB (UNet "
+                        "weights), latency=0.8x (step time vs all-int8 on this CPU), or both; "
+                        "needs --bits w8a8")
     q.add_argument("--text-encoder-weights", default=None,
                    help="int8: weight-only int8 text encoder (OpenVINO IR); fp32: as the model "
                         "(default: int8 for integer --bits, fp32 otherwise)")
@@ -92,11 +96,20 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                   split_shortcut=args.split_shortcut, attention=args.attention,
                   asymmetric_activations=args.asymmetric_activations,
                   target_cpu=args.target_cpu,
-                  text_encoder_weights=args.text_encoder_weights,
+                  text_encoder_weights=args.text_encoder_weights, budget=_budget(args.budget),
                   calib_scheduler=args.calib_scheduler,
                   calib_steps=args.calib_steps, calib_eta=args.calib_eta,
                   calib_prompts=args.calib_prompts,
                   calib_every=args.calib_every, calib_batch=args.calib_batch).check()
+
+
+def _budget(items: list[str] | None) -> str | None:
+    """Repeated or comma-joined ``--budget`` items as one canonical text."""
+    if not items:
+        return None
+    from calibration.allocation import parse_budget
+
+    return parse_budget(",".join(items)).text()
 
 
 def main(argv: list[str] | None = None) -> int:

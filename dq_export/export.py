@@ -139,9 +139,13 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     fits = calibrates and recipe.method == "dq"
     parts = 1 + layout.conditional + (layout.decoder is not None)
     stage = StageLog(total=2 + 2 * parts + calibrates + fits + recipe.quantized
-                     + (recipe.target_cpu == "auto"))
+                     + (recipe.target_cpu == "auto") + (recipe.budget is not None))
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
+    if recipe.budget is not None:  # a size no allocation reaches fails before calibration
+        from dq_export.mixed_export import check_reachable
+
+        check_reachable(components.unet, recipe)
     size = recipe.image_size or components.image_size
     vae_factor = components.vae_factor
     if size % vae_factor:
@@ -168,15 +172,24 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
             target = _profile_target_cpu(components, onnx_paths["unet"], root, recipe, params,
                                          size // vae_factor)
             params = params.without(target["kept_float"])
+    mixed = None
+    if recipe.budget is not None:
+        from dq_export import mixed_export
+
+        with stage("rate-distortion curves and allocation under the budget"):
+            mixed = mixed_export.choose(components, params, summary, recipe, onnx_paths["unet"],
+                                        size // vae_factor)
     if recipe.quantized and recipe.method == "dq":
         with stage("QDQ graphs per timestep group"):
             fp32_unet = onnx_paths["unet"]
-            unet_onnx = write_group_graphs(fp32_unet, root / "onnx", components.unet, recipe,
-                                           params)
+            group_graphs, shared_graph, plan = write_group_graphs, write_shared_graph, params
+            if mixed is not None:  # per-layer weights, per-group inputs (--budget)
+                group_graphs, shared_graph, plan = mixed_export.writers(mixed.plan)
+            unet_onnx = group_graphs(fp32_unet, root / "onnx", components.unet, recipe, plan)
             graphs["unet"] = unet_onnx[0]
             if params is not None:
-                graphs["unet"] = write_shared_graph(fp32_unet, root / "unet_shared.onnx",
-                                                    components.unet, recipe, params)
+                graphs["unet"] = shared_graph(fp32_unet, root / "unet_shared.onnx",
+                                              components.unet, recipe, plan)
             _remove_graph(fp32_unet)
     ir_paths = {}
     for name, path in graphs.items():
@@ -224,6 +237,9 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
             body["components"]["text_encoder"]["openvino_weights"] = INT8_WEIGHTS
         if recipe.quantized:
             body["quantization"] = quantization_manifest(recipe, params, summary, nncf_settings)
+            if mixed is not None:
+                entry = mixed_export.manifest_entry(mixed, recipe, params, root, components.unet)
+                body["quantization"].update(mixed_export.describe(entry), allocation=entry)
             if params is not None:
                 write_params(root, params)
             if target is not None:

@@ -221,6 +221,8 @@ def quantize_weights(model: onnx.ModelProto, layers: dict[str, LayerNode],
         tensor = inits[layer.weight]
         weight = numpy_helper.to_array(tensor)
         layer_bits = bits[layer.name.split("#")[0]]
+        if layer_bits >= 32:  # a float layer of a mixed-precision allocation
+            continue
         scale = weight_scales(weight, layer.axis, layer_bits)
         q = quantize_linear(weight, scale, 0, "int8", layer.axis, layer_bits)
         model.graph.initializer.remove(tensor)

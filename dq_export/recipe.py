@@ -43,6 +43,7 @@ class Recipe:
     asymmetric_activations: bool = True  # uint8 + zero point for signed layer inputs
     target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
     text_encoder_weights: str | None = None  # None: int8 for integer recipes, else fp32
+    budget: str | None = None  # mixed precision under "size=...,latency=..." (rate-distortion)
     # calibration: the deployment the scales are fitted for; None: the model's default (the
     # registry's sampling and calibration size; PNDM 50 at every step for a folder)
     calib_scheduler: str | None = None
@@ -108,6 +109,14 @@ class Recipe:
                                               and self.method == "dq"):
             raise UserError("--target-cpu chooses int8 activations per layer: it needs "
                             "--bits w8a8 or w4a8 with --method dq")
+        if self.budget is not None:
+            from calibration.allocation import parse_budget
+
+            parse_budget(self.budget)
+            if self.bits != "w8a8" or self.method != "dq" or self.target_cpu != "none":
+                raise UserError("--budget allocates precisions per layer and group from "
+                                "W8A8's calibration: use --bits w8a8 --method dq, without "
+                                "--target-cpu (a latency budget times this CPU itself)")
         if self.image_size is not None:
             check_image_size(self.image_size)
         return self
