@@ -252,23 +252,32 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
 
 def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe, params,
                         latent_size: int) -> dict:
-    """``--target-cpu auto``: time every layer in int8 and in FP32 on this machine."""
+    """``--target-cpu auto``: time every layer in int8 and in FP32 on this machine, then the
+    graph that choice makes against the all-int8 one."""
     from calibration.layers import attention_modules, quantized_layers
     from dq_export.onnx_export import unet_example, unet_input_names
     from dq_export.quantize_unet import write_shared_graph
-    from dq_export.target_cpu import choose_float_layers
+    from dq_export import target_cpu
 
     shapes = {name: list(example.shape) for name, example in
               zip(unet_input_names(components), unet_example(components, latent_size))}
     int8_unet = write_shared_graph(fp32_unet, root / "unet_profile.onnx", components.unet,
                                    recipe, params)
+    chosen_unet = root / "unet_profile_chosen.onnx"
     try:
         units = set(quantized_layers(components.unet))
         if recipe.attention != "float":
             units |= set(attention_modules(components.unet))
-        return choose_float_layers(fp32_unet, int8_unet, shapes, units)
+        choice = target_cpu.choose_float_layers(fp32_unet, int8_unet, shapes, units)
+        if not choice["kept_float"]:
+            return choice
+        write_shared_graph(fp32_unet, chosen_unet, components.unet, recipe,
+                           params.without(choice["kept_float"]))
+        all_int8, chosen = target_cpu.whole_call_seconds([int8_unet, chosen_unet], shapes)
+        return target_cpu.confirmed(choice, all_int8, chosen)
     finally:
         _remove_graph(int8_unet)
+        _remove_graph(chosen_unet)
 
 
 def _remove_graph(path: Path) -> None:

@@ -329,6 +329,18 @@ def test_owning_layer_and_the_float_rule():
         == ["b", "c"]
 
 
+def test_the_per_layer_choice_stays_only_if_the_whole_call_is_faster():
+    from dq_export.target_cpu import confirmed
+
+    choice = {"kept_float": ["b", "c"], "layers": {}}
+    kept = confirmed(choice, all_int8_seconds=0.50, chosen_seconds=0.45)
+    assert kept["kept_float"] == ["b", "c"] and kept["proposed_float"] == ["b", "c"]
+    assert kept["whole_call_ms"] == {"all_int8": 500.0, "proposed_float": 450.0}
+    for slower_or_equal in (0.50, 0.56):
+        rejected = confirmed(choice, all_int8_seconds=0.50, chosen_seconds=slower_or_equal)
+        assert rejected["kept_float"] == [] and rejected["proposed_float"] == ["b", "c"]
+
+
 def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
         tiny_w8a8, setup, tmp_path, monkeypatch):
     """The profile runs for real; the decision is pinned so the plumbing is checked the same
@@ -346,6 +358,14 @@ def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
     attention = next(iter(attention_modules(components.unet)))
     kept = ["conv_in", split, attention]
     monkeypatch.setattr(target_cpu, "layers_kept_float", lambda int8, fp32: kept)
+    timed = []  # both graphs are timed for real; the outcome is pinned: the choice is faster
+
+    def whole_call_seconds(graphs, shapes):
+        timed.append([real_whole_call_seconds(graphs, shapes, calls=1), graphs])
+        return [2.0, 1.0]
+
+    real_whole_call_seconds = target_cpu.whole_call_seconds
+    monkeypatch.setattr(target_cpu, "whole_call_seconds", whole_call_seconds)
     out = tmp_path / "auto"
     manifest = export("tiny-sd", out, Recipe(bits="w8a8", seed=0, target_cpu="auto",
                                              **TINY_CALIBRATION), init="random",
@@ -355,6 +375,11 @@ def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
     assert set(profile["layers"]) == units  # every Conv/Linear and every attention
     assert all(t["int8_ms"] > 0 and t["fp32_ms"] > 0 for t in profile["layers"].values())
     assert manifest["quantization"]["target_cpu"]["kept_float"] == kept
+    (([all_int8, chosen], graphs),) = timed
+    assert all_int8 > 0 and chosen > 0 and [g.name for g in graphs] == \
+        ["unet_profile.onnx", "unet_profile_chosen.onnx"]
+    assert profile["whole_call_ms"] == {"all_int8": 2000.0, "proposed_float": 1000.0}
+    assert not any(out.glob("unet_profile*"))  # the profiling graphs are gone
     saved = json.loads((out / "quant_params.json").read_text())["activations"]
     dropped = {"conv_in", f"{split}#0", f"{split}#1"} | {f"{attention}@{x}" for x in "qkv"}
     assert not dropped & set(saved)
