@@ -28,6 +28,7 @@ from dq_export.recipe import Recipe
 from dq_export.registry import model_defaults
 
 TARGET_CPU_FILE = "target_cpu.json"
+LOW_DISK_BYTES = 512 * 2**20  # below this, a failed write is taken as a full disk
 
 
 class StageLog:
@@ -102,10 +103,28 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     try:
         manifest = _export_into(model, layout, partial, recipe, init, prompts, calibration_dir)
         _replace(partial, out)
-    except BaseException:
+    except BaseException as error:
+        written = _written_when_disk_filled(partial, error)
         shutil.rmtree(partial, ignore_errors=True)
+        if written is not None:
+            raise UserError(
+                f"the disk holding {out.parent} filled up after {written / 1e9:.1f} GB of the "
+                "export were written: free space or pass --out on a larger disk (nothing was "
+                "kept)") from error
         raise
     return manifest
+
+
+def _written_when_disk_filled(partial: Path, error: BaseException) -> int | None:
+    """Bytes of the half-written export if ``error`` came from a full disk, else None.
+
+    OpenVINO and ONNX report a full disk as a bare I/O error (``basic_ios::clear``), so the
+    disk itself is asked."""
+    if not isinstance(error, (OSError, RuntimeError)) or not partial.exists():
+        return None
+    if shutil.disk_usage(partial).free >= LOW_DISK_BYTES:
+        return None
+    return sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
 
 
 def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe:

@@ -67,6 +67,29 @@ def test_failed_export_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """OpenVINO reports a full disk as a bare iostream error: the export asks the disk, says
+    how much it had written, and removes it."""
+    import shutil
+    from collections import namedtuple
+
+    import dq_export.export as export_module
+    import dq_export.openvino_convert as conv
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    usage, real_disk_usage = namedtuple("usage", "total used free"), shutil.disk_usage
+    monkeypatch.setattr(conv, "convert_to_ir", disk_full)
+    monkeypatch.setattr(export_module.shutil, "disk_usage", lambda path: usage(1, 1, 0))
+    with pytest.raises(UserError, match=r"filled up after \d+\.\d GB .* larger disk"):
+        export("tiny-sd", tmp_path / "out", Recipe(), init="random")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(export_module.shutil, "disk_usage", real_disk_usage)
+    with pytest.raises(RuntimeError, match="iostream"):  # with room left it is not the disk
+        export("tiny-sd", tmp_path / "out", Recipe(), init="random")
+
+
 def test_force_replaces_an_old_export(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
