@@ -78,6 +78,21 @@ def test_histograms_merge_exactly():
     assert merged.min == direct.min and merged.total == direct.total == 8000
 
 
+def test_histogram_counts_each_sign_and_keeps_tiny_negatives_out_of_the_top_bins():
+    """The counts match numpy's histogram of log10|x| per sign (to rounding at bin edges);
+    values just above 1e-5 in magnitude stay in the lowest bins of their own sign."""
+    x = torch.cat([torch.randn(50_000) * 3, torch.full((100,), -1.001e-5),
+                   torch.full((100,), 1.001e-5), torch.zeros(7), torch.full((5,), 1e-7)])
+    hist, a = record(x), x.numpy()
+    for counts, values in ((hist.pos, a[a > 0]), (hist.neg, -a[a < 0])):
+        values = values[values >= 1e-5]
+        expected, _ = np.histogram(np.log10(values), bins=len(counts), range=(-5, 4))
+        assert counts.sum() == expected.sum()
+        assert np.abs(counts - expected).sum() <= 1e-3 * expected.sum()
+        assert counts[:2].sum() >= 100 and counts[-200:].sum() == expected[-200:].sum()
+    assert hist.zeros == 12 and hist.min == float(a.min()) and hist.max == float(a.max())
+
+
 def actual_mse(x: np.ndarray, threshold: float) -> float:
     scale = np.float32(threshold / 127)
     return float(((dequantize_linear(quantize_linear(x, scale), scale) - x) ** 2).mean())
