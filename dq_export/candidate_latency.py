@@ -17,18 +17,10 @@ from pathlib import Path
 from calibration.layers import quantized_layers
 
 
-def profile_shapes(components, latent_size: int) -> dict[str, list[int]]:
-    """The UNet's inputs for one guided prompt (batch 2) at the export's size."""
-    tokens = components.tokenizer.model_max_length
-    return {"sample": [2, components.unet.config.in_channels, latent_size, latent_size],
-            "timestep": [2],
-            "encoder_hidden_states": [2, tokens, components.text_encoder.config.hidden_size]}
-
-
 def form_times(components, fp32_onnx: Path, recipe, params, latent_size: int) -> dict:
     """{"layers": {layer: {form: ms}}, "fixed_ms", "int8_ms" (the all-int8 step)}."""
     from dq_export.quantize_unet import write_group_graphs, write_shared_graph
-    from dq_export.target_cpu import layer_seconds, profile_nodes
+    from dq_export.target_cpu import layer_seconds, profile_nodes, profile_shapes
 
     unet = components.unet
     layers = set(quantized_layers(unet))

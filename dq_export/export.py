@@ -274,12 +274,10 @@ def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe,
     """``--target-cpu auto``: time every layer in int8 and in FP32 on this machine, then the
     graph that choice makes against the all-int8 one."""
     from calibration.layers import attention_modules, quantized_layers
-    from dq_export.onnx_export import unet_example, unet_input_names
-    from dq_export.quantize_unet import write_shared_graph
     from dq_export import target_cpu
+    from dq_export.quantize_unet import write_shared_graph
 
-    shapes = {name: list(example.shape) for name, example in
-              zip(unet_input_names(components), unet_example(components, latent_size))}
+    shapes = target_cpu.profile_shapes(components, latent_size)
     int8_unet = write_shared_graph(fp32_unet, root / "unet_profile.onnx", components.unet,
                                    recipe, params)
     chosen_unet = root / "unet_profile_chosen.onnx"
