@@ -123,13 +123,9 @@ def machine() -> dict:
 
     from dq_export.target_cpu import cpu_description
 
-    flags = set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
+    from dq_export.cpu_isa import cpu_flags
+
+    flags = cpu_flags()
     return {"cpu": cpu_description()["device"], "cores": len(os.sched_getaffinity(0)),
             "isa": [f for f in ISA_FLAGS if f in flags],
             "openvino": ov.get_version(), "python": platform.python_version()}

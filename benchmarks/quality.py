@@ -89,10 +89,30 @@ def judged(images: np.ndarray, rows: list[np.ndarray], real_features: np.ndarray
             "features": features}
 
 
-def scores(images: np.ndarray, reference: np.ndarray, own: dict, fp32: dict) -> dict:
+def image_psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """PSNR of every image against FP32's image of the same seed and digit."""
+    from dq_export.image_metrics import psnr
+
+    return np.array([psnr(a, b) for a, b in zip(reference, images)])
+
+
+def paired_psnr(images: dict, pairs: list[str], rows: list[np.ndarray]) -> dict:
+    """``A:B`` -> mean PSNR of A minus B's (both against FP32, image by image) with the
+    interval of the seed resamples: whether one export is closer to FP32 beyond noise."""
+    fp32 = next(iter(images.values()))
+    out = {}
+    for pair in pairs:
+        a, b = pair.split(":")
+        diff = image_psnr(images[a], fp32) - image_psnr(images[b], fp32)
+        out[pair] = _estimate(np.array([diff[r].mean() for r in rows]))
+    return out
+
+
+def scores(images: np.ndarray, reference: np.ndarray, own: dict, fp32: dict,
+           rows: list[np.ndarray]) -> dict:
     """Estimates with intervals, differences from FP32 on the same resamples, and the
-    images' PSNR and SSIM against FP32's images of the same seeds."""
-    from dq_export.image_metrics import psnr, ssim
+    images' PSNR (with its interval) and SSIM against FP32's images of the same seeds."""
+    from dq_export.image_metrics import ssim
     from dq_export.reference import judge
 
     result = {"accuracy": _estimate(own["accuracy"]),
@@ -104,7 +124,10 @@ def scores(images: np.ndarray, reference: np.ndarray, own: dict, fp32: dict) -> 
     # the distance to FP32's own samples: fidelity to FP32, where FID to the data is not
     result["fid_to_fp32"] = round(judge.digits_fid(own["features"], fp32["features"]), 2)
     if images is not reference:
-        result["psnr"] = round(float(np.mean([psnr(a, b) for a, b in zip(reference, images)])), 2)
+        per_image = image_psnr(images, reference)
+        result["psnr"] = round(float(per_image.mean()), 2)
+        result["psnr_ci"] = [round(float(v), 2) for v in
+                             np.percentile([per_image[r].mean() for r in rows[1:]], CI)]
         result["ssim"] = round(float(np.mean([ssim(a, b) for a, b in zip(reference, images)])), 4)
     return result
 
@@ -138,6 +161,17 @@ def fidelity(pipes: dict, scheduler: str, steps: int, seeds: int) -> dict:
             for label, per in errors.items()}
 
 
+def parse_pairs(text: str, labels: list[str]) -> list[str]:
+    """``A:B,...`` -> ["A:B", ...], each a pair of non-FP32 export labels."""
+    pairs = [item.strip() for item in text.split(",") if item.strip()]
+    for pair in pairs:
+        a, sep, b = pair.partition(":")
+        if not sep or a not in labels or b not in labels or a == b:
+            raise UserError(f"--pairs {pair!r}: give A:B with two labels of the non-FP32 "
+                            f"exports ({', '.join(labels)})")
+    return pairs
+
+
 def fmt(estimate: dict, digits: int = 3) -> str:
     low, high = estimate["ci"]
     return f"{estimate['value']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
@@ -146,7 +180,7 @@ def fmt(estimate: dict, digits: int = 3) -> str:
 def table(run: dict) -> str:
     """One markdown table of one scheduler's results."""
     head = ("export", "accuracy [95% CI]", "accuracy - FP32", "digits FID",
-            "FID - FP32 [95% CI]", "FID to FP32", "PSNR dB", "SSIM", "rel. MSE / step",
+            "FID - FP32 [95% CI]", "FID to FP32", "PSNR dB [95% CI]", "SSIM", "rel. MSE / step",
             "distortion / step")
     rows = []
     for label, r in run["exports"].items():
@@ -155,7 +189,8 @@ def table(run: dict) -> str:
             label, fmt(r["accuracy"]), fmt(r["accuracy_delta"]),
             f"{r['digits_fid']['value']:.1f}", fmt(r["digits_fid_delta"], 1),
             f"{round(r['fid_to_fp32'], 1) + 0.0:.1f}",  # FP32 to itself: -1e-12, not "-0.0"
-            f"{r['psnr']:.2f}" if "psnr" in r else "-", f"{r['ssim']:.3f}" if "ssim" in r else "-",
+            f"{r['psnr']:.2f} [{r['psnr_ci'][0]:.2f}, {r['psnr_ci'][1]:.2f}]" if "psnr" in r
+            else "-", f"{r['ssim']:.3f}" if "ssim" in r else "-",
             f"{fid['relative_mse']['mean']:.4f}" if fid else "-",
             f"{fid['distortion']['mean']:.4f}" if fid else "-"))
     return markdown_table(head, rows)
@@ -220,9 +255,10 @@ def run(pipes: dict, scheduler: str, steps: int, args) -> tuple[dict, dict]:
     fp32_label = next(iter(pipes))
     judgements = {label: judged(array, rows, real) for label, array in images.items()}
     exports = {label: scores(images[label], images[fp32_label], judgements[label],
-                             judgements[fp32_label]) for label in pipes}
+                             judgements[fp32_label], rows) for label in pipes}
     fid = fidelity(pipes, scheduler, steps, args.fidelity_seeds) if args.fidelity_seeds else {}
-    return {"scheduler": scheduler, "steps": steps, "exports": exports, "fidelity": fid}, images
+    return {"scheduler": scheduler, "steps": steps, "exports": exports, "fidelity": fid,
+            "paired_psnr": paired_psnr(images, args.pairs, rows)}, images
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -234,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="seeds of FP32 trajectories for the per-step errors (5; 0: skip)")
     p.add_argument("--resamples", type=int, default=300, help="bootstrap resamples (300)")
     p.add_argument("--grid-seeds", type=int, default=2, help="seeds in the sample grids (2)")
+    p.add_argument("--pairs", default="",
+                   help="A:B,...: PSNR of export A minus export B's, image by image, with a 95%% "
+                        "interval (is A closer to FP32 than B beyond noise?)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
     args = p.parse_args(argv)
     try:
@@ -241,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--seeds must be at least 2 and --fidelity-seeds at least 0")
         schedulers = parse_schedulers(args.schedulers)
         pipes = load_exports(args.exports)
+        args.pairs = parse_pairs(args.pairs, list(pipes)[1:])
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -259,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                     args.out / f"samples-{scheduler.replace('+', 'p')}-{steps}.png")
         print(f"\n### {scheduler}, {steps} steps: {args.seeds} seeds x 10 digits\n")
         print(table(result))
+        for pair, estimate in result["paired_psnr"].items():
+            print(f"PSNR {pair.replace(':', ' - ')}: {fmt(estimate, 2)} dB")
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     if args.fidelity_seeds:
         chart(results, args.out / "results.png")
@@ -269,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
 def _recipe(manifest: dict) -> dict:
     recipe = manifest["recipe"]
     keys = ("bits", "method", "groups", "estimator", "time_tables", "split_shortcut")
-    return {k: recipe[k] for k in keys if k in recipe}
+    out = {k: recipe[k] for k in keys if k in recipe}
+    if "cache" in manifest:  # the feature cache's schedule: which calibrated steps run in full
+        schedule = manifest["cache"]["schedule"]
+        out["cache"] = {"branch": manifest["cache"]["branch"], "kind": schedule["kind"],
+                        "full_steps": len(schedule["full_steps"]),
+                        "of_steps": len(manifest["cache"]["timesteps"])}
+    return out
 
 
 if __name__ == "__main__":

@@ -193,18 +193,20 @@ class TrajectoryRecorder:
     def reset(self) -> None:
         self.samples: list[np.ndarray] = []
         self.timesteps: list[float] = []
+        self.outputs: list[np.ndarray] = []
 
     def __call__(self, sample: np.ndarray, t: float, embeddings: np.ndarray | None) -> np.ndarray:
         import torch
 
         self.step = self.step_of.get(int(round(t)))
+        text = () if embeddings is None else (torch.from_numpy(embeddings),)
+        out = self.unet(torch.from_numpy(sample), torch.tensor(t), *text).sample.numpy()
         if self.step is not None:
             self.samples.append(sample)
             self.timesteps.append(t)
-        text = () if embeddings is None else (torch.from_numpy(embeddings),)
-        out = self.unet(torch.from_numpy(sample), torch.tensor(t), *text)
+            self.outputs.append(out)
         self.step = None
-        return out.sample.numpy()
+        return out
 
 
 def _encode(components, prompts: list[str]) -> np.ndarray:
@@ -218,17 +220,30 @@ def _encode(components, prompts: list[str]) -> np.ndarray:
 
 
 def _save_inputs(path: Path, recorder: TrajectoryRecorder, embeddings: np.ndarray | None) -> None:
-    """The UNet inputs of one batch at its calibrated steps (for NNCF and fidelity checks)."""
+    """The UNet inputs of one batch at its calibrated steps (for NNCF and fidelity checks),
+    and the FP32 UNet's outputs on them (what the feature cache's schedule is measured
+    against)."""
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tensors = {"sample": np.stack(recorder.samples).astype(np.float32),
-               "timestep": np.asarray(recorder.timesteps, dtype=np.float32)}
+               "timestep": np.asarray(recorder.timesteps, dtype=np.float32),
+               "noise_pred": np.stack(recorder.outputs).astype(np.float32)}
     if embeddings is not None:
         tensors["encoder_hidden_states"] = embeddings.astype(np.float32)
     save_file(tensors, str(tmp))
     tmp.replace(path)
+
+
+def load_trajectories(cache_dir: Path) -> list[dict[str, np.ndarray]]:
+    """Every cached batch as arrays over its calibrated steps: ``sample`` [steps, rows, ...],
+    ``timestep`` [steps], ``noise_pred`` (the FP32 output, absent in caches made before it
+    was recorded) and, for a text-to-image model, ``encoder_hidden_states`` [rows, ...]."""
+    from safetensors.numpy import load_file
+
+    return [load_file(str(path))
+            for path in sorted((Path(cache_dir) / "inputs").glob("batch-*.safetensors"))]
 
 
 def load_inputs(cache_dir: Path, batches: int | None = None) -> list[dict[str, np.ndarray]]:

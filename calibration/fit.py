@@ -50,6 +50,15 @@ class QuantParams:
         return QuantParams(self.timesteps, self.groups,
                            {k: q for k, q in self.activations.items() if owner(k) not in drop})
 
+    def only(self, modules: set[str]) -> QuantParams:
+        """These parameters for a graph that runs only ``modules`` (a shallow UNet): the
+        inputs of those layers, and the operands of attentions whose projections it runs."""
+        def kept(key: str) -> bool:
+            return owner(key) in modules if "@" not in key else f"{owner(key)}.to_q" in modules
+
+        return QuantParams(self.timesteps, self.groups,
+                           {k: q for k, q in self.activations.items() if kept(k)})
+
     def restricted_attention(self, attention: str) -> QuantParams:
         """Keep the attention quantizers the recipe's ``attention`` asks for: none (float),
         q, k and v (qkv), or also the softmax output p (int8)."""

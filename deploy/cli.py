@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None,
                    help="DDIM eta: 0 deterministic, 1 as DDPM (default: the model's, 0)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None,
+                   help="feature cache of an export made with dq-export --cache: auto (its "
+                        "schedule, the default for such an export), off, or N (a full UNet "
+                        "call every N steps, DeepCache's uniform interval)")
     p.add_argument("--out", type=Path, default=Path("outputs/image.png"),
                    help="PNG path; a batch writes NAME-0.png, NAME-1.png, ...")
     p.add_argument("--no-verify", action="store_true",
@@ -55,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dq-generate: error: --out {args.out} must end in .png", file=sys.stderr)
         return 2
     try:
+        from deploy.feature_cache import parse_cache
         from deploy.pipeline import Pipeline
+
+        parse_cache(args.cache)  # a bad value fails before the export is loaded
 
         batch = len(args.prompt) if args.prompt else args.num_images
         pipeline = Pipeline.load(args.export_dir, batch_size=max(batch, 1),
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         result = pipeline.generate(args.prompt, negative_prompt=args.negative_prompt,
                                    steps=args.steps, scheduler=args.scheduler,
                                    guidance=args.guidance, seed=args.seed, eta=args.eta,
-                                   num_images=args.num_images, progress=True)
+                                   num_images=args.num_images, cache=args.cache, progress=True)
     except UserError as e:
         print(f"dq-generate: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -73,10 +80,13 @@ def main(argv: list[str] | None = None) -> int:
         image.save(path)
     summary = {"images": [str(p) for p in paths], "seed": result.seed,
                "scheduler": result.scheduler, "steps": result.steps,
+               "unet_calls": result.unet_calls,
                "seconds": {k: round(v, 3) for k, v in result.timings.items()}}
     args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
+    cached = result.unet_calls.get("cached", 0)
+    reuse = f", {cached} of them on cached features" if cached else ""
     print(f"wrote {', '.join(map(str, paths))} in {result.timings['total']:.2f} s "
-          f"({result.steps} {result.scheduler} steps)")
+          f"({result.steps} {result.scheduler} steps{reuse})")
     return 0
 
 

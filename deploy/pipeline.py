@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.feature_cache import FEATURE, CachedUNet, UncachedUNet, interval_plan, \
+    parse_cache, schedule_plan
 from deploy.sampler import run_sampler
-from deploy.schedulers import scheduler_name
+from deploy.schedulers import make_scheduler, scheduler_name
 from dq_export.errors import UserError
 from dq_export.manifest import read_manifest
 
@@ -46,6 +48,7 @@ class GenerationResult:
     seed: int = 0
     scheduler: str = "pndm"
     steps: int = 0
+    unet_calls: dict = field(default_factory=dict)  # {"full": F, "cached": C}
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Pipeline:
         self._lock = threading.Lock()
         quantization = manifest.get("quantization", {})
         self.steps = StepTable.from_manifest(quantization) if "timesteps" in quantization else None
+        self.cache = manifest.get("cache")  # the feature cache's schedule, if exported with one
+        _warn_if_int8_saturates(manifest)
         self.batch_size = 0
         self._compiled: dict = {}
         self._requests: dict = {}
@@ -122,10 +127,17 @@ class Pipeline:
                                                        text["hidden_size"]]
         if "vae_decoder" in self.manifest["components"]:
             shapes["vae_decoder"] = {"latents": [batch_size, *latent]}
+        if "unet_shallow" in self.manifest["components"]:
+            shapes["unet_shallow"] = dict(shapes["unet"])
+        # pybind11 sets up its numpy API once per process, and two threads doing it at once
+        # (two siblings' first infer) can deadlock (pybind11#4877's call_once): do it here
+        ov.Tensor(np.zeros(1, np.float32)).data  # noqa: B018
         core = ov.Core()
         self._compiled = {}  # a new dict: siblings keep the models they were made with
         for name, shape in shapes.items():
             model = core.read_model(self.root / self.manifest["components"][name]["openvino"])
+            if name == "unet_shallow":  # the feature's shape, as the full UNet returns it
+                shape[FEATURE] = list(self._compiled["unet"].output(FEATURE).get_shape())
             model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
             self._compiled[name] = core.compile_model(model, self.device, self.ov_config)
         self._requests = self._new_requests()
@@ -159,12 +171,16 @@ class Pipeline:
     def _run(self, name: str, inputs: dict) -> np.ndarray:
         return self._requests[name].infer(inputs)[0]
 
+    def _run_all(self, name: str, inputs: dict) -> list[np.ndarray]:
+        outputs = self._requests[name].infer(inputs)
+        return [outputs[i] for i in range(len(outputs))]
+
     def _release(self, name: str) -> None:
         """Free a component's activation buffers once its part of the image is done: at
         512x512 the UNet holds about 0.35 GB and the VAE decoder 0.8 GB, and neither needs
         them while the other runs. Not done once siblings share the compiled models: their
         calls in flight would wait for it and then allocate again."""
-        if not self._family["siblings"]:
+        if not self._family["siblings"] and name in self._compiled:
             self._compiled[name].release_memory()
 
     def predict_noise(self, sample: np.ndarray, timestep: float,
@@ -173,13 +189,50 @@ class Pipeline:
         text-to-image export. A quantized UNet also reads the calibrated step's index, which
         selects its group's scales: one compiled graph serves every group. Not locked: use
         ``generate`` from several threads."""
+        return self._run("unet", self._unet_inputs(sample, timestep, embeddings))
+
+    def _unet_inputs(self, sample: np.ndarray, timestep: float,
+                     embeddings: np.ndarray | None) -> dict:
         inputs = {"sample": sample, "timestep": np.full(len(sample), timestep, dtype=np.float32)}
         if embeddings is not None:
             inputs["encoder_hidden_states"] = embeddings
         if self.steps is not None and self.steps.step_input:
             step_index, _ = self.steps.lookup(timestep)
             inputs[self.steps.step_input] = np.asarray(step_index, dtype=np.int64)
-        return self._run("unet", inputs)
+        return inputs
+
+    def predict_noise_and_feature(self, sample: np.ndarray, timestep: float,
+                                  embeddings: np.ndarray | None = None) -> tuple:
+        """A full UNet call of a cached export: the output and the feature to reuse."""
+        output, feature = self._run_all("unet", self._unet_inputs(sample, timestep, embeddings))
+        return output, feature
+
+    def predict_noise_cached(self, sample: np.ndarray, timestep: float,
+                             embeddings: np.ndarray | None, feature: np.ndarray) -> np.ndarray:
+        """A shallow UNet call that reuses ``feature`` from an earlier full call."""
+        inputs = self._unet_inputs(sample, timestep, embeddings)
+        return self._run("unet_shallow", {**inputs, FEATURE: feature})
+
+    def denoiser(self, scheduler: str, steps: int, cache=None):
+        """The UNet callable of one sampling run (``deploy.sampler.denoise``'s ``unet``),
+        which counts its full and cached calls. ``cache``: None, the export's schedule if it
+        has one; "auto", the export's schedule; "off", every call full; N, a full call every
+        N timesteps (DeepCache's uniform interval)."""
+        cache = parse_cache(cache)
+        if cache is not None and cache != "off" and self.cache is None:
+            raise UserError(f"cache={cache}: this export has no cache graphs; export it with "
+                            "dq-export --cache, or use cache=off")
+        if cache == "off" or self.cache is None:
+            return UncachedUNet(self.predict_noise)
+        sampler = make_scheduler(scheduler, self.manifest["scheduler"])
+        sampler.set_timesteps(steps)
+        if cache in (None, "auto"):
+            schedule = self.cache["schedule"]
+            plan = schedule_plan(sampler.timesteps, self.cache["timesteps"],
+                                 schedule["full_steps"])
+        else:
+            plan = interval_plan(sampler.timesteps, cache)
+        return CachedUNet(self.predict_noise_and_feature, self.predict_noise_cached, plan)
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
         """Token ids -> text embeddings; prompts over the window are cut, with a warning."""
@@ -196,11 +249,12 @@ class Pipeline:
     def generate(self, prompt: str | list[str] | None = None, *,
                  negative_prompt: str | list[str] | None = None, steps: int | None = None,
                  scheduler: str | None = None, guidance: float | None = None, seed: int = 0,
-                 eta: float | None = None, num_images: int = 1,
+                 eta: float | None = None, num_images: int = 1, cache=None,
                  progress: bool = False) -> GenerationResult:
         """Images for ``prompt`` (one per prompt), or ``num_images`` unconditional images.
         ``steps``, ``scheduler`` and ``eta`` default to the export's model's (the manifest's
-        ``sampling``); ``guidance`` to 7.5 for text-to-image."""
+        ``sampling``); ``guidance`` to 7.5 for text-to-image. ``cache`` (auto, off, or an
+        interval N) defaults to the export's feature-cache schedule where it has one."""
         steps = self.defaults["steps"] if steps is None else steps
         scheduler = scheduler_name(scheduler or self.defaults["scheduler"])
         eta = self.defaults["eta"] if eta is None else eta
@@ -216,13 +270,15 @@ class Pipeline:
             prompts = negatives = None
             batch = num_images
         _check_settings(steps, eta, self.manifest["scheduler"])
+        unet = self.denoiser(scheduler, steps, cache)
         with self._lock:
             if batch != self.batch_size:
                 self._compile(batch)
-            return self._sample(prompts, negatives, steps, scheduler, guidance, seed, eta,
+            return self._sample(unet, prompts, negatives, steps, scheduler, guidance, seed, eta,
                                 progress)
 
-    def _sample(self, prompts, negatives, steps, scheduler, guidance, seed, eta, progress):
+    def _sample(self, unet, prompts, negatives, steps, scheduler, guidance, seed, eta,
+                progress):
         timings: dict[str, float] = {}
         start = time.perf_counter()
         embeddings = None
@@ -233,12 +289,13 @@ class Pipeline:
             timings["text_encoder"] = time.perf_counter() - start
 
         # 2. Initial noise x_T from the seed, then one UNet call per sampler step (guided for
-        #    text-to-image).
-        latents, step_seconds = run_sampler(self.predict_noise, embeddings, scheduler,
+        #    text-to-image): full, or shallow on the cached deep feature (DeepCache).
+        latents, step_seconds = run_sampler(unet, embeddings, scheduler,
                                             self.manifest["scheduler"], steps, self.latent_shape,
                                             seed, guidance, eta, progress)
         timings["unet_loop"] = sum(step_seconds)
         self._release("unet")
+        self._release("unet_shallow")
 
         # 3. Decode latents to pixels in [-1, 1] (a pixel-space model has sampled pixels
         #    already), then to 8-bit images.
@@ -249,7 +306,21 @@ class Pipeline:
             timings["vae_decoder"] = time.perf_counter() - decode_start
             self._release("vae_decoder")
         timings["total"] = time.perf_counter() - start
-        return GenerationResult(to_pil(pixels), step_seconds, timings, seed, scheduler, steps)
+        return GenerationResult(to_pil(pixels), step_seconds, timings, seed, scheduler, steps,
+                                dict(unet.calls))
+
+
+def _warn_if_int8_saturates(manifest: dict) -> None:
+    """An export with full-range int8 weights and int8 activations loses accuracy on a CPU
+    without VNNI (dq_export.cpu_isa): say so once, with the fix."""
+    from dq_export.cpu_isa import has_vnni
+
+    recipe = manifest.get("recipe", {})
+    int8_kernels = recipe.get("method") == "dq" and str(recipe.get("bits", "")).endswith("a8")
+    if int8_kernels and recipe.get("weight_range", "full") == "full" and not has_vnni():
+        log.warning("this CPU has no VNNI, so int8 kernels saturate on this export's 8-bit "
+                    "weights and lose accuracy: re-export with dq-export --weight-range half "
+                    "(the default on such a CPU)")
 
 
 def to_pil(pixels: np.ndarray) -> list:

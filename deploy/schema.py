@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deploy.feature_cache import parse_cache
 from deploy.pipeline import MAX_GUIDANCE
 from deploy.schedulers import scheduler_name
 from dq_export.errors import UserError
@@ -46,6 +47,7 @@ class GenerateRequest(BaseModel):
     guidance: float = Field(7.5, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)  # None: the server draws one
     scheduler: str = "pndm"
+    cache: str | int | None = None  # feature cache: "auto", "off" or an interval N (None: auto)
 
 
 class ImagesRequest(GenerateRequest):
@@ -111,5 +113,6 @@ def _check(request: GenerateRequest, image_size: tuple[int, int], max_prompt_cha
                                 f"compiled for {compiled}")
     try:
         scheduler_name(request.scheduler)
+        parse_cache(request.cache)
     except UserError as e:
         raise ApiError(400, str(e)) from None

@@ -155,12 +155,16 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
     async def checked(request: Request, model: type[GenerateRequest]) -> GenerateRequest:
         authorize(request)
         raw = await read_body(request)
-        return parse(raw, request.headers.get("content-type"), model,
-                     image_size=(height, width), max_prompt_chars=settings.max_prompt_chars,
-                     max_n=settings.max_n)
+        req = parse(raw, request.headers.get("content-type"), model,
+                    image_size=(height, width), max_prompt_chars=settings.max_prompt_chars,
+                    max_n=settings.max_n)
+        if req.cache not in (None, "off") and pipeline.cache is None:
+            raise ApiError(400, f"cache {req.cache!r}: this export has no cache graphs (export "
+                                "it with dq-export --cache), use cache \"off\" or leave it out")
+        return req
 
     def job(req: GenerateRequest, seeds: list[int]):
-        def run(deadline: float) -> list[bytes]:
+        def run(deadline: float) -> list[tuple[bytes, dict]]:
             images = []
             for seed in seeds:
                 if images and time.monotonic() > deadline:
@@ -168,15 +172,16 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
                 start = time.perf_counter()
                 result = pipeline.generate(req.prompt, negative_prompt=req.negative_prompt,
                                            steps=req.steps, scheduler=req.scheduler,
-                                           guidance=req.guidance, seed=seed)
+                                           guidance=req.guidance, seed=seed, cache=req.cache)
                 metrics.generation.observe(time.perf_counter() - start)
                 for seconds in result.step_seconds:
                     metrics.steps.observe(seconds)
-                images.append(_png(result.images[0]))
+                images.append((_png(result.images[0]), result.unet_calls))
             return images
         return run
 
-    async def generate(req: GenerateRequest, count: int) -> tuple[list[bytes], list[int]]:
+    async def generate(req: GenerateRequest, count: int) -> tuple[list[tuple], list[int]]:
+        """[(PNG bytes, UNet calls {"full", "cached"})] and the seeds."""
         first = secrets.randbelow(2**31) if req.seed is None else req.seed
         seeds = [first + i for i in range(count)]
         try:
@@ -200,15 +205,17 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
     async def images_generations(request: Request):
         req = await checked(request, ImagesRequest)
         images, seeds = await generate(req, req.n)
-        data = [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed}
-                for png, seed in zip(images, seeds)]
+        data = [{"b64_json": base64.b64encode(png).decode("ascii"), "seed": seed,
+                 "unet_calls": calls} for (png, calls), seed in zip(images, seeds)]
         return {"created": int(time.time()), "data": data}
 
     @app.post("/generate")
     async def generate_png(request: Request):
         req = await checked(request, GenerateRequest)
-        (png,), (seed,) = await generate(req, 1)
-        return Response(png, media_type="image/png", headers={"X-Seed": str(seed)})
+        ((png, calls),), (seed,) = await generate(req, 1)
+        return Response(png, media_type="image/png",
+                        headers={"X-Seed": str(seed),
+                                 "X-UNet-Calls": ",".join(f"{k}={v}" for k, v in calls.items())})
 
     @app.get("/healthz")
     async def healthz():

@@ -60,9 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mixed precision by rate-distortion allocation: size=700MB (UNet "
                         "weights), latency=0.8x (step time vs all-int8 on this CPU), or both; "
                         "needs --bits w8a8")
+    q.add_argument("--weight-range", default=d.weight_range,
+                   help="int8 weights in full (8 bits) or half (7 bits: exact on CPUs without "
+                        "VNNI, whose int8 kernels saturate); auto: half where the exporting CPU "
+                        "lacks VNNI (default auto)")
     q.add_argument("--text-encoder-weights", default=None,
                    help="int8: weight-only int8 text encoder (OpenVINO IR); fp32: as the model "
                         "(default: int8 for integer --bits, fp32 otherwise)")
+    k = p.add_argument_group("feature cache (DeepCache: reuse deep UNet features between steps)")
+    k.add_argument("--cache", action="store_true",
+                   help="also export a shallow UNet that reuses the full UNet's deep feature, "
+                        "and a schedule of the steps that run in full")
+    k.add_argument("--cache-steps", type=int, default=None,
+                   help="K: calibrated steps that run the full UNet, chosen by dynamic "
+                        "programming on the calibration trajectories (implies --cache; "
+                        "default: about a third of the steps)")
+    k.add_argument("--cache-interval", type=int, default=None,
+                   help="N: run every N-th calibrated step in full instead (DeepCache's "
+                        "uniform schedule; implies --cache)")
+    k.add_argument("--cache-branch", type=int, default=None,
+                   help="DeepCache's branch id: the cache point, 0 the shallowest and the "
+                        f"fastest (implies --cache; default {d.cache_branch})")
     c = p.add_argument_group("calibration (the deployment the scales are fitted for)")
     c.add_argument("--prompts", type=Path, default=None,
                    help="prompt file, one a line (default: calibration/prompts.txt; "
@@ -97,10 +115,15 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                   asymmetric_activations=args.asymmetric_activations,
                   target_cpu=args.target_cpu,
                   text_encoder_weights=args.text_encoder_weights, budget=_budget(args.budget),
+                  weight_range=args.weight_range,
                   calib_scheduler=args.calib_scheduler,
                   calib_steps=args.calib_steps, calib_eta=args.calib_eta,
                   calib_prompts=args.calib_prompts,
-                  calib_every=args.calib_every, calib_batch=args.calib_batch).check()
+                  calib_every=args.calib_every, calib_batch=args.calib_batch,
+                  cache=args.cache or any(v is not None for v in (
+                      args.cache_steps, args.cache_interval, args.cache_branch)),
+                  cache_branch=args.cache_branch or 0, cache_steps=args.cache_steps,
+                  cache_interval=args.cache_interval).check()
 
 
 def _budget(items: list[str] | None) -> str | None:

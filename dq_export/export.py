@@ -16,10 +16,11 @@ import sys
 import time
 from contextlib import contextmanager
 from dataclasses import replace
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 
-from calibration.collect import read_prompts
+from calibration.collect import calibrated_timesteps, read_prompts
 from dq_export import __version__
 from dq_export.errors import UserError
 from dq_export.layout import Layout
@@ -129,11 +130,18 @@ def _written_when_disk_filled(partial: Path, error: BaseException) -> int | None
 
 def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe:
     """The recipe with what it leaves open filled in from the model: the papers' sampler,
-    steps and eta to calibrate for, the calibration size, the text encoder's weights."""
+    steps and eta to calibrate for, the calibration size, the text encoder's weights; and
+    from this CPU, the int8 weights' range (``--weight-range auto``)."""
+    from dq_export.cpu_isa import weight_range_for_this_cpu
+
     spec = model_defaults(model)
     if not conditional and recipe.text_encoder_weights is not None:
         raise UserError(f"{model} has no text encoder: drop --text-encoder-weights")
+    weight_range = recipe.weight_range
+    if weight_range == "auto":  # int8 kernels run on int8 weights only with int8 activations
+        weight_range = weight_range_for_this_cpu() if recipe.activations_quantized else "full"
     return replace(recipe, calib_prompts=recipe.calib_prompts or spec.calib_prompts,
+                   weight_range=weight_range,
                    calib_scheduler=recipe.calib_scheduler or spec.sampler,
                    calib_steps=recipe.calib_steps or spec.steps,
                    calib_every=recipe.calib_every or spec.calib_every,
@@ -151,13 +159,14 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     from dq_export.nncf_baseline import quantize_unet_ir
     from dq_export.onnx_export import export_components
     from dq_export.openvino_convert import INT8_WEIGHTS, convert_to_ir
+    from dq_export.qdq import STEP_INDEX
     from dq_export.quantize_unet import (calibration_settings, quantization_manifest,
                                          write_group_graphs, write_params, write_shared_graph)
 
-    calibrates = recipe.activations_quantized
-    fits = calibrates and recipe.method == "dq"
-    parts = 1 + layout.conditional + (layout.decoder is not None)
-    stage = StageLog(total=2 + 2 * parts + calibrates + fits + recipe.quantized
+    calibrates = recipe.needs_trajectories
+    fits = recipe.activations_quantized and recipe.method == "dq"
+    parts = 1 + layout.conditional + (layout.decoder is not None) + recipe.cache
+    stage = StageLog(total=2 + 2 * parts + calibrates + fits + recipe.quantized + recipe.cache
                      + (recipe.target_cpu == "auto") + (recipe.budget is not None))
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
@@ -165,6 +174,13 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
         from dq_export.mixed_export import check_reachable
 
         check_reachable(components.unet, recipe)
+    if recipe.cache:  # a cache point or schedule the model cannot have fails here too
+        from dq_export.cache_export import check_schedule
+        from dq_export.deep_cache import check_branch
+
+        check_branch(components.unet, recipe.cache_branch)
+        check_schedule(recipe, len(calibrated_timesteps(components.scheduler_config,
+                                                        calibration_settings(recipe))))
     size = recipe.image_size or components.image_size
     vae_factor = components.vae_factor
     if size % vae_factor:
@@ -182,9 +198,10 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
                          recipe.split_shortcut, recipe.asymmetric_activations)
             params = params.restricted_attention(recipe.attention)
     onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
-                                   stage)
+                                   stage, recipe.cache_branch if recipe.cache else None)
     graphs = dict(onnx_paths)  # what becomes each component's IR
-    unet_onnx = [onnx_paths["unet"]]
+    unets = [name for name in onnx_paths if name.startswith("unet")]  # + unet_shallow (--cache)
+    unet_onnx = {name: [onnx_paths[name]] for name in unets}
     target = None
     if recipe.target_cpu == "auto":
         with stage("target CPU: int8 vs FP32 time of every layer"):
@@ -200,24 +217,30 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
                                         size // vae_factor)
     if recipe.quantized and recipe.method == "dq":
         with stage("QDQ graphs per timestep group"):
-            fp32_unet = onnx_paths["unet"]
-            group_graphs, shared_graph, plan = write_group_graphs, write_shared_graph, params
-            if mixed is not None:  # per-layer weights, per-group inputs (--budget)
-                group_graphs, shared_graph, plan = mixed_export.writers(mixed.plan)
-            unet_onnx = group_graphs(fp32_unet, root / "onnx", components.unet, recipe, plan)
-            graphs["unet"] = unet_onnx[0]
-            if params is not None:
-                graphs["unet"] = shared_graph(fp32_unet, root / "unet_shared.onnx",
-                                              components.unet, recipe, plan)
-            _remove_graph(fp32_unet)
+            for name in unets:
+                fp32_unet = onnx_paths[name]
+                if mixed is not None:  # per-layer weights, per-group inputs (--budget)
+                    group_graphs, shared_graph, plan = mixed_export.writers(mixed.plan)
+                else:  # the full UNet, or a feature cache's shallow UNet (its layers only)
+                    group_graphs = partial(write_group_graphs, name=name)
+                    shared_graph = partial(write_shared_graph, subset=name != "unet")
+                    plan = params
+                unet_onnx[name] = group_graphs(fp32_unet, root / "onnx", components.unet,
+                                               recipe, plan)
+                graphs[name] = unet_onnx[name][0]
+                if params is not None:
+                    graphs[name] = shared_graph(fp32_unet, root / f"{name}_shared.onnx",
+                                                components.unet, recipe, plan)
+                _remove_graph(fp32_unet)
     ir_paths = {}
     for name, path in graphs.items():
         with stage(f"OpenVINO IR: {name}"):
             ir_paths[name] = convert_to_ir(
                 path, root / "openvino" / f"{name}.xml", compress_to_fp16=recipe.bits == "fp16",
                 int8_weights=name == "text_encoder" and recipe.text_encoder_int8)
-    if graphs["unet"] not in unet_onnx:  # the shared-scale ONNX: only its IR is kept
-        _remove_graph(graphs["unet"])
+    for name in unets:
+        if graphs[name] not in unet_onnx[name]:  # the shared-scale ONNX: only its IR is kept
+            _remove_graph(graphs[name])
     nncf_settings = None
     if recipe.method == "nncf":
         with stage("NNCF quantize: UNet IR"):
@@ -226,6 +249,17 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
             nncf_settings = quantize_unet_ir(fp32_xml, nncf_xml, load_inputs(summary["cache_dir"]))
             _remove_graph(fp32_xml)
             ir_paths["unet"] = nncf_xml
+    cache = None
+    if recipe.cache:
+        from dq_export.cache_export import choose_schedule
+
+        with stage("feature cache schedule: full steps on the calibration trajectories"):
+            timesteps = (summary["calibrated_timesteps"] if summary is not None else
+                         calibrated_timesteps(components.scheduler_config,
+                                              calibration_settings(recipe)))
+            cache = choose_schedule(root, recipe, timesteps, components.unet,
+                                    summary and summary["cache_dir"], ir_paths,
+                                    STEP_INDEX if params is not None else None)
     with stage("tokenizer, hashes and manifest"):
         spec = model_defaults(model)
         body = {
@@ -238,8 +272,8 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
             "scheduler": components.scheduler_config,
             # dq-generate's defaults: the sampling the model's papers use
             "sampling": {"scheduler": spec.sampler, "steps": spec.steps, "eta": spec.eta},
-            "components": {name: _component_entry(unet_onnx if name == "unet" else
-                                                   [onnx_paths[name]], ir_paths[name], root)
+            "components": {name: _component_entry(unet_onnx.get(name, [onnx_paths[name]]),
+                                                   ir_paths[name], root)
                            for name in onnx_paths},
             "versions": versions(),
             "export_stats": {"stage_seconds": stage.seconds, "peak_rss_mb": peak_rss_mb(),
@@ -266,6 +300,8 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
                 body["quantization"]["target_cpu"] = {
                     "file": TARGET_CPU_FILE, "cpu": target["cpu"],
                     "kept_float": target["kept_float"]}
+        if recipe.cache:
+            body["cache"] = cache
         return write_manifest(root, body)
 
 

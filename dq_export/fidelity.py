@@ -3,7 +3,9 @@
 FP32 samples; at every step each other export's UNet gets the very same input
 (x_t, t, embeddings) and its prediction is compared with FP32's. These are the real OpenVINO
 graphs (not a simulation), compared on equal inputs without error feedback from earlier
-steps: the per-step distortion the rate-distortion paper plots across timesteps.
+steps: the per-step distortion the rate-distortion paper plots across timesteps. An export
+with a feature cache runs as it samples (its schedule, full or on the cached feature), the
+feature coming from its own full calls on FP32's trajectory.
 """
 
 from __future__ import annotations
@@ -75,11 +77,12 @@ def trajectory_errors(reference, others: dict, prompts: list[str], steps: int,
     for k in tqdm(range(len(prompts) // batch), desc="fidelity", unit="batch", leave=False):
         chunk = prompts[k * batch:(k + 1) * batch]
         calls = {label: {m: [] for m in metrics} for label in others}
+        unets = {label: pipe.denoiser(scheduler, steps) for label, pipe in others.items()}
 
         def unet(sample, timestep, embeddings):
             eps = reference.predict_noise(sample, timestep, embeddings)
-            for label, pipe in others.items():
-                eps_q = pipe.predict_noise(sample, timestep, embeddings)
+            for label in others:
+                eps_q = unets[label](sample, timestep, embeddings)
                 for name, metric in metrics.items():
                     calls[label][name].append([metric(eps[i::batch], eps_q[i::batch])
                                                for i in range(batch)])

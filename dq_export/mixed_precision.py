@@ -33,7 +33,7 @@ from calibration.layers import activation_keys, quantized_layers, shortcut_split
 from calibration.rd_curves import layer_kind
 from dq_export.onnx_export import save_with_external_data
 from dq_export.qdq import STEP_INDEX, LayerNode, build_qdq_unet, quantize_activations, set_group
-from dq_export.quantize_unet import WEIGHTS_FILE
+from dq_export.quantize_unet import WEIGHTS_FILE, in_weight_range
 from dq_export.shared_scales import quantize_activations_shared
 
 
@@ -163,7 +163,8 @@ def simulation(choices: dict[str, Choice], kinds: dict[str, str], params: QuantP
 def _base_graph(fp32_onnx: Path, unet, recipe, p: Plan, activations) -> onnx.ModelProto:
     model = onnx.load(str(fp32_onnx), load_external_data=True)
     splits = shortcut_splits(unet) if recipe.split_shortcut else {}
-    return build_qdq_unet(model, p.params, splits, p.bits, activations)
+    return build_qdq_unet(model, p.params, splits, in_weight_range(p.bits, recipe.weight_range),
+                          activations)
 
 
 def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe, p: Plan) -> list[Path]:

@@ -6,7 +6,9 @@ interface is fixed here and nowhere else:
 - text_encoder (text-to-image only): ``input_ids`` int64 [batch, tokens] -> ``last_hidden_state``
 - unet: ``sample`` [batch, C, h, w], ``timestep`` float32 [batch] and, text-to-image only,
   ``encoder_hidden_states`` [batch, tokens, dim] -> ``noise_pred`` (the model output: epsilon
-  or v)
+  or v); with a feature cache (``--cache``) also -> ``deep_feature``, the feature at the
+  cache point (dq_export.deep_cache)
+- unet_shallow (``--cache`` only): the UNet's inputs and ``deep_feature`` -> ``noise_pred``
 - vae_decoder (latent diffusion only): ``latents`` (as the scheduler holds them) -> ``image``
   in [-1, 1]; a VQ autoencoder's decoder snaps them to its codebook first, as LDMPipeline's
   ``vqvae.decode`` does
@@ -71,20 +73,20 @@ def unet_example(components, latent_size: int, batch: int | None = None) -> tupl
 
 
 def export_onnx(module: torch.nn.Module, example: tuple, path: Path, input_names: list[str],
-                output_name: str, opset: int) -> None:
+                output_names: list[str], opset: int) -> None:
     """Trace ``module`` to ``path`` with a dynamic batch axis.
 
     Graphs over 2 GB go to one external data file ``<name>.data`` beside the graph (ONNX's
     protobuf limit); smaller ones stay a single file.
     """
-    dynamic = {name: {0: "batch"} for name in input_names + [output_name]}
+    dynamic = {name: {0: "batch"} for name in input_names + output_names}
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".trace-") as scratch:
         traced = Path(scratch) / path.name
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about python control flow
             torch.onnx.export(module.eval(), example, str(traced), dynamo=False,
                               opset_version=opset, input_names=input_names,
-                              output_names=[output_name], dynamic_axes=dynamic,
+                              output_names=output_names, dynamic_axes=dynamic,
                               do_constant_folding=True)
         scattered = sum(f.stat().st_size for f in Path(scratch).iterdir())
         if scattered > TWO_GB or len(list(Path(scratch).iterdir())) > 1:
@@ -113,25 +115,38 @@ def save_with_external_data(model, path: Path, location: str) -> None:
     (path.parent / location).chmod(0o644)
 
 
-def export_components(components, out_dir: Path, latent_size: int, opset: int, stage) -> dict:
-    """Export the components the model has; return {component: onnx path}."""
+def export_components(components, out_dir: Path, latent_size: int, opset: int, stage,
+                      cache_branch: int | None = None) -> dict:
+    """Export the components the model has; return {component: onnx path}. With a
+    ``cache_branch`` the UNet is DeepCache's pair: the full UNet, which also returns the
+    feature at that branch, and the shallow ``unet_shallow``, which reads it."""
     unet, vae = components.unet, components.vae
     jobs = {}
     if components.conditional:
         tokens = components.text_encoder.config.max_position_embeddings
         jobs["text_encoder"] = (TextEncoderGraph(components.text_encoder),
                                 (torch.zeros(1, tokens, dtype=torch.int64),), ["input_ids"],
-                                "last_hidden_state")
-    jobs["unet"] = (UNetGraph(unet), unet_example(components, latent_size),
-                    unet_input_names(components), "noise_pred")
+                                ["last_hidden_state"])
+    example, names = unet_example(components, latent_size), unet_input_names(components)
+    if cache_branch is None:
+        jobs["unet"] = (UNetGraph(unet), example, names, ["noise_pred"])
+    else:
+        from dq_export.deep_cache import FEATURE, FullUNetGraph, ShallowUNetGraph
+
+        full = FullUNetGraph(unet, cache_branch)
+        with torch.no_grad():
+            feature = full(*example)[1]
+        jobs["unet"] = (full, example, names, ["noise_pred", FEATURE])
+        jobs["unet_shallow"] = (ShallowUNetGraph(unet, cache_branch, example),
+                                (*example, feature), names + [FEATURE], ["noise_pred"])
     if vae is not None:
         jobs["vae_decoder"] = (VaeDecoderGraph(vae, components.latent_scaling),
                                (torch.randn(1, components.latent_channels, latent_size,
-                                            latent_size),), ["latents"], "image")
+                                            latent_size),), ["latents"], ["image"])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
-    for name, (module, example, inputs, output) in jobs.items():
+    for name, (module, example, inputs, outputs) in jobs.items():
         with stage(f"ONNX export: {name}"):
             paths[name] = out_dir / f"{name}.onnx"
-            export_onnx(module, example, paths[name], inputs, output, opset)
+            export_onnx(module, example, paths[name], inputs, outputs, opset)
     return paths

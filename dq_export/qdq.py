@@ -56,6 +56,11 @@ def module_name(node_name: str) -> str:
     return ".".join(parts[1:-1])
 
 
+def graph_modules(model: onnx.ModelProto) -> set[str]:
+    """Names of the torch modules whose Conv, Gemm or MatMul nodes this graph runs."""
+    return {module_name(node.name) for node in model.graph.node if node.op_type in WEIGHT_OPS}
+
+
 def find_layers(model: onnx.ModelProto, layer_names: set[str]) -> dict[str, LayerNode]:
     """The Conv/Gemm/MatMul node of every quantized module, with its weight initializer."""
     inits = {i.name for i in model.graph.initializer}
@@ -202,8 +207,9 @@ def split_shortcut_convs(model: onnx.ModelProto, layers: dict[str, LayerNode],
 
 
 def int_tensor(values: np.ndarray, name: str, bits: int) -> onnx.TensorProto:
-    """An integer initializer: int8, or ONNX INT4 packed two values a byte (low nibble first)."""
-    if bits == 8:
+    """An integer initializer: int8 (8 or 7 bits), or ONNX INT4 packed two values a byte (low
+    nibble first)."""
+    if bits > 4:
         return numpy_helper.from_array(values.astype(np.int8), name)
     nibbles = (values.astype(np.int8).reshape(-1) & 0x0F).astype(np.uint8)
     if nibbles.size % 2:
@@ -298,7 +304,7 @@ def build_qdq_unet(model: onnx.ModelProto, params: QuantParams | None, splits: d
     ``activations`` is the pass that quantizes layer inputs (per-group scales by default);
     without ``params`` (weight-only recipes) inputs stay in float."""
     layers = find_layers(model, set(weight_bits))
-    if min(weight_bits.values()) < 8:  # INT4 tensors need opset 21 (IR version 10)
+    if min(weight_bits.values()) <= 4:  # INT4 tensors need opset 21 (IR version 10)
         model.opset_import[0].version = max(model.opset_import[0].version, INT4_OPSET)
         model.ir_version = max(model.ir_version, 10)
     split_shortcut_convs(model, layers, splits)

@@ -4,6 +4,9 @@
   (the int8 weights are on disk once); they differ only in their activation scales;
 - one shared-scale graph for OpenVINO (``dq_export.shared_scales``): every group in one
   compiled model, the step's scales applied by runtime multipliers.
+
+A feature cache's shallow UNet (``unet_shallow``) gets the same passes on the layers it has:
+the same weights, groups, scales and per-step tables as the full UNet.
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from calibration.collect import CalibrationSettings
 from calibration.fit import QuantParams
 from calibration.layers import quantized_layers, shortcut_splits
 from dq_export.onnx_export import save_with_external_data
-from dq_export.qdq import STEP_INDEX, build_qdq_unet, quantize_activations, set_group
+from dq_export.qdq import (STEP_INDEX, build_qdq_unet, graph_modules, quantize_activations,
+                           set_group)
 from dq_export.shared_scales import quantize_activations_shared
 
-WEIGHTS_FILE = "unet_weights.data"
+WEIGHTS_FILE = "unet_weights.data"  # the full UNet's; a shallow UNet's is <name>_weights.data
 OPENVINO_FORM = "shared_scales"
 
 
@@ -31,45 +35,63 @@ def calibration_settings(recipe) -> CalibrationSettings:
                                eta=recipe.calib_eta)
 
 
-def weight_bits(unet, bits: str) -> dict[str, int]:
+def weight_bits(unet, bits: str, weight_range: str = "full") -> dict[str, int]:
     """Bits of every quantized layer's weights. ``w4*``: int4 for Linear layers, the ones
     OpenVINO's CPU plugin runs with int4 weights; convolutions (conv_in, conv_out and the
     shortcuts among them, RAQ's sensitive layers) stay int8."""
     import torch
 
     four = bits.startswith("w4")
-    return {name: 4 if four and isinstance(module, torch.nn.Linear) else 8
-            for name, module in quantized_layers(unet).items()}
+    return in_weight_range({name: 4 if four and isinstance(module, torch.nn.Linear) else 8
+                            for name, module in quantized_layers(unet).items()}, weight_range)
+
+
+def in_weight_range(bits: dict[str, int], weight_range: str) -> dict[str, int]:
+    """``weight_range`` "half": int8 weights in 7 bits, [-63, 63], which no int8 kernel
+    without VNNI can overflow (dq_export.cpu_isa); int4 and float layers as they are."""
+    return {name: 7 if b == 8 and weight_range == "half" else b for name, b in bits.items()}
 
 
 def _quantized_graph(fp32_onnx: Path, unet, recipe, params: QuantParams | None,
-                     activations=quantize_activations) -> onnx.ModelProto:
+                     activations=quantize_activations, subset: bool = False) -> onnx.ModelProto:
+    """The QDQ passes on an FP32 UNet graph; ``subset``: a graph that runs only some of the
+    UNet's layers (a shallow UNet), which quantizes those."""
     model = onnx.load(str(fp32_onnx), load_external_data=True)
     splits = shortcut_splits(unet) if recipe.split_shortcut else {}
-    return build_qdq_unet(model, params, splits, weight_bits(unet, recipe.bits), activations)
+    bits = weight_bits(unet, recipe.bits, recipe.weight_range)
+    if subset:
+        present = graph_modules(model)
+        bits = {name: b for name, b in bits.items() if name in present}
+        splits = {name: k for name, k in splits.items() if name in present}
+        params = params.only(present) if params is not None else None
+    return build_qdq_unet(model, params, splits, bits, activations)
 
 
 def write_group_graphs(fp32_onnx: Path, out_dir: Path, unet, recipe,
-                       params: QuantParams | None) -> list[Path]:
-    """QDQ graphs, one per group (one graph when activations stay in float)."""
-    model = _quantized_graph(fp32_onnx, unet, recipe, params)
+                       params: QuantParams | None, name: str = "unet") -> list[Path]:
+    """QDQ graphs, one per group (one graph when activations stay in float), sharing one
+    weight file. ``name``: "unet", or "unet_shallow" for a feature cache's shallow UNet."""
+    model = _quantized_graph(fp32_onnx, unet, recipe, params, subset=name != "unet")
     groups = len(params.groups) if params is not None else 1
     paths = []
     for g in range(groups):
-        path = out_dir / (f"unet_group{g}.onnx" if params is not None else "unet_qdq.onnx")
+        path = out_dir / (f"{name}_group{g}.onnx" if params is not None else f"{name}_qdq.onnx")
         if params is not None:
             set_group(model, params, g)
         if g == 0:  # writes the shared weight file; later groups keep its references
-            save_with_external_data(model, path, WEIGHTS_FILE)
+            save_with_external_data(model, path,
+                                    WEIGHTS_FILE if name == "unet" else f"{name}_weights.data")
         else:
             onnx.save_model(model, str(path))
         paths.append(path)
     return paths
 
 
-def write_shared_graph(fp32_onnx: Path, path: Path, unet, recipe, params: QuantParams) -> Path:
+def write_shared_graph(fp32_onnx: Path, path: Path, unet, recipe, params: QuantParams,
+                       subset: bool = False) -> Path:
     """The one graph OpenVINO compiles for all groups (an intermediate: the IR keeps it)."""
-    model = _quantized_graph(fp32_onnx, unet, recipe, params, quantize_activations_shared)
+    model = _quantized_graph(fp32_onnx, unet, recipe, params, quantize_activations_shared,
+                             subset)
     save_with_external_data(model, path, path.name + ".data")
     return path
 
@@ -87,7 +109,9 @@ def quantization_manifest(recipe, params: QuantParams | None, summary: dict | No
         "method": "dq", "bits": recipe.bits,
         "weights": ("int4 for every Linear, int8 for every Conv of the UNet"
                     if recipe.bits.startswith("w4") else "int8 for every Conv and Linear of the UNet")
-                   + ": symmetric, per output channel",
+                   + ": symmetric, per output channel"
+                   + (", int8 in 7 bits [-63, 63] (no int16 saturation on CPUs without VNNI)"
+                      if recipe.weight_range == "half" else ""),
         "activations": (activation_summary(recipe) if params is not None
                         else "float (weight-only)"),
     }

@@ -13,7 +13,7 @@ from calibration.groups import GROUP_SPLITS
 from deploy.schedulers import SCHEDULERS
 from dq_export.errors import UserError
 
-RECIPE_VERSION = 2  # 2: attention, asymmetric_activations (version 1: float, symmetric)
+RECIPE_VERSION = 3  # 3: the feature cache; 2: attention, asymmetric_activations
 
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 METHODS = ("dq", "nncf")
@@ -22,6 +22,8 @@ TARGET_CPUS = ("none", "auto")
 # int8: q, k, v and a uint8 softmax output, attention fully in int8
 ATTENTIONS = ("float", "qkv", "int8")
 TEXT_ENCODER_WEIGHTS = ("fp32", "int8")
+# int8 weights in 8 bits (full) or 7 (half: exact on CPUs without VNNI); auto: the exporting CPU's
+WEIGHT_RANGES = ("auto", "full", "half")
 # The smallest calibration that still fits 4 groups: the tests' and benchmarks' tiny-sd W8A8
 TINY_CALIBRATION = dict(calib_steps=10, calib_prompts=4, calib_batch=2, groups=4)
 
@@ -43,7 +45,13 @@ class Recipe:
     asymmetric_activations: bool = True  # uint8 + zero point for signed layer inputs
     target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
     text_encoder_weights: str | None = None  # None: int8 for integer recipes, else fp32
+    weight_range: str = "auto"  # int8 weights' range (WEIGHT_RANGES); the export resolves auto
     budget: str | None = None  # mixed precision under "size=...,latency=..." (rate-distortion)
+    # deep-feature cache (DeepCache): a full and a shallow UNet, and which steps run in full
+    cache: bool = False
+    cache_branch: int = 0  # DeepCache's branch id: where the shallow branch reads the feature
+    cache_steps: int | None = None  # K full steps chosen by DP; None: DEFAULT_CACHE_FRACTION
+    cache_interval: int | None = None  # instead of the DP: every N-th calibrated step in full
     # calibration: the deployment the scales are fitted for; None: the model's default (the
     # registry's sampling and calibration size; PNDM 50 at every step for a folder)
     calib_scheduler: str | None = None
@@ -82,7 +90,7 @@ class Recipe:
         if data.get("version", RECIPE_VERSION) > RECIPE_VERSION:
             raise UserError(f"recipe version {data['version']} is newer than this dq-export "
                             f"understands ({RECIPE_VERSION}): upgrade dq-export")
-        if data.get("version", RECIPE_VERSION) < 2:
+        if data.get("version", RECIPE_VERSION) < 2:  # (version 3 only added fields)
             data = {"attention": "float", "asymmetric_activations": False, **data}
         return cls(**data)
 
@@ -91,13 +99,14 @@ class Recipe:
         choices = {"bits": BITS, "method": METHODS, "estimator": ESTIMATORS,
                    "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS,
                    "target_cpu": TARGET_CPUS, "text_encoder_weights": TEXT_ENCODER_WEIGHTS,
-                   "attention": ATTENTIONS}
+                   "attention": ATTENTIONS, "weight_range": WEIGHT_RANGES}
         for name, valid in choices.items():
             optional = name in ("calib_scheduler", "text_encoder_weights")
             if getattr(self, name) not in valid and not (optional and getattr(self, name) is None):
                 raise UserError(f"{name} {getattr(self, name)!r} is not valid: use one of "
                                 f"{', '.join(valid)}")
-        for name in ("groups", "calib_steps", "calib_prompts", "calib_every", "calib_batch"):
+        for name in ("groups", "calib_steps", "calib_prompts", "calib_every", "calib_batch",
+                     "cache_steps", "cache_interval"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.calib_eta is not None and not 0 <= self.calib_eta <= 1:
@@ -119,7 +128,29 @@ class Recipe:
                                 "--target-cpu (a latency budget times this CPU itself)")
         if self.image_size is not None:
             check_image_size(self.image_size)
+        if self.cache:
+            self._check_cache()
         return self
+
+    def _check_cache(self) -> None:
+        if self.cache_branch < 0:
+            raise UserError(f"--cache-branch must be at least 0 (0 is the shallowest), got "
+                            f"{self.cache_branch}")
+        if self.cache_steps is not None and self.cache_interval is not None:
+            raise UserError("--cache-steps (K steps chosen by DP) and --cache-interval (every "
+                            "N-th step) are two schedules: give one")
+        if self.method == "nncf":
+            raise UserError("--cache exports this project's quantized UNet pair; NNCF's "
+                            "baseline has none: drop --cache or use --method dq")
+        if self.budget is not None:
+            raise UserError("--cache and --budget cannot be combined yet: the mixed-precision "
+                            "graphs have no shallow UNet")
+
+    @property
+    def needs_trajectories(self) -> bool:
+        """Whether the export runs the FP32 calibration trajectories: to fit activation
+        scales, or to measure the errors the cache schedule's DP minimises."""
+        return self.activations_quantized or (self.cache and self.cache_interval is None)
 
 
 def parse_bits(text: str) -> str:

@@ -16,6 +16,7 @@ from calibration.rd_curves import layer_kind
 from dq_export.errors import UserError
 from dq_export.loading import load_components
 from dq_export.mixed_precision import plan, simulation, write_group_graphs, write_shared_graph
+from dq_export.quantize_unet import in_weight_range, weight_bits
 from dq_export.recipe import TINY_CALIBRATION, Recipe
 
 F = FLOAT
@@ -52,7 +53,8 @@ def mixed(tiny_w8a8, tiny_export, tmp_path_factory):
     ov.save_model(ov.convert_model(str(shared)), str(xml), compress_to_fp16=False)
     calls = load_inputs(manifest["quantization"]["calibration"]["cache_dir"])
     return dict(params=params, components=components, kinds=kinds, choices=choices, plan=p,
-                groups=groups, xml=xml, calls=calls, splits=splits)
+                groups=groups, xml=xml, calls=calls, splits=splits,
+                weight_range=recipe.weight_range)
 
 
 def test_plan_has_dual_path_layers_of_both_kinds(mixed):
@@ -80,9 +82,11 @@ def test_openvino_and_onnx_runtime_compute_the_simulation_in_every_group(mixed):
         run = {n: call[n] for n in ("sample", "timestep", "encoder_hidden_states")}
         fp = _torch(unet, run)
         bits, group_params = simulation(mixed["choices"], mixed["kinds"], params, g)
-        with fake_quantized(unet, group_params, g, k, mixed["splits"], bits):
+        with fake_quantized(unet, group_params, g, k, mixed["splits"],
+                            in_weight_range(bits, mixed["weight_range"])):
             sim = _torch(unet, run)
-        with fake_quantized(unet, params, g, k, mixed["splits"]):
+        with fake_quantized(unet, params, g, k, mixed["splits"],
+                            weight_bits(unet, "w8a8", mixed["weight_range"])):
             all_int8 = _torch(unet, run)
         feeds = dict(run, step_index=np.asarray(k, np.int64))
         ov_out = compiled(feeds)[0]

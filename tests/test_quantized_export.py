@@ -29,6 +29,13 @@ def setup(tiny_w8a8):
     return manifest, params, components, calls
 
 
+def export_bits(manifest, unet) -> dict[str, int]:
+    """The export's weight bits per layer: 8, or 7 where it chose the half range."""
+    from dq_export.quantize_unet import weight_bits
+
+    return weight_bits(unet, manifest["recipe"]["bits"], manifest["recipe"]["weight_range"])
+
+
 def call_at(calls, timestep):
     return next(c for c in calls if int(round(c["timestep"][0])) == timestep)
 
@@ -78,8 +85,10 @@ def test_every_quantizer_in_the_graph_computes_the_simulated_rounding(tiny_w8a8,
             np.testing.assert_allclose(values[f"{key}.dequantized"], expected, rtol=0, atol=1e-6,
                                        err_msg=key)
         consumers = {i: n.op_type for n in model.graph.node for i in n.input}
+        bits = export_bits(manifest, components.unet)
         for name, module in layers.items():
-            expected = fake_quant_weight(module.weight.detach().numpy(), split=splits.get(name))
+            expected = fake_quant_weight(module.weight.detach().numpy(), bits[name],
+                                         split=splits.get(name))
             halves = []
             for key in activation_keys(name, splits):
                 got = values[f"{key}.weight_dequantized"]
@@ -166,7 +175,8 @@ def test_onnxruntime_and_openvino_agree_with_the_torch_simulation(tiny_w8a8, set
         k = steps[0]
         call = call_at(calls, params.timesteps[k])
         fp = unet_out(components.unet, call)
-        with fake_quantized(components.unet, params, g, k, splits):
+        with fake_quantized(components.unet, params, g, k, splits,
+                            export_bits(manifest, components.unet)):
             sim = unet_out(components.unet, call)
         feeds = dict(call, step_index=np.asarray(k, np.int64))
         onnx_out = ort.InferenceSession(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"),
@@ -430,10 +440,36 @@ def test_int8_attention_quantizes_the_softmax_output_too(tiny_w8a8, setup, tmp_p
             np.testing.assert_allclose(values[f"{key}.dequantized"], expected, rtol=0,
                                        atol=1e-7, err_msg=key)
         fp = unet_out(components.unet, call)
-        with fake_quantized(components.unet, params, g, k, splits):
+        with fake_quantized(components.unet, params, g, k, splits,
+                            export_bits(manifest, components.unet)):
             sim = unet_out(components.unet, call)
         quant_error = rel(sim, fp)
         onnx_out = values[group_graph.graph.output[0].name]
         for out_ in (onnx_out, compiled(feeds)[0]):
             assert abs(rel(out_, fp) - quant_error) < 0.3 * quant_error
             assert rel(out_, sim) < np.sqrt(2) * quant_error
+
+
+def test_weight_range_follows_the_cpu_and_deploy_warns_where_int8_saturates(
+        tiny_w8a8, setup, monkeypatch, caplog):
+    """``--weight-range auto``: 7-bit weights where the exporting CPU lacks VNNI (its int8
+    kernels saturate), 8-bit elsewhere; the weights in the graph keep to that range, and
+    loading a full-range export on a CPU without VNNI warns."""
+    from dq_export import cpu_isa
+
+    manifest = setup[0]
+    assert cpu_isa.has_vnni({"avx2", "avx512_vnni"}) and not cpu_isa.has_vnni({"avx2", "fma"})
+    expected = "full" if cpu_isa.has_vnni() else "half"
+    assert manifest["recipe"]["weight_range"] == expected
+    model = onnx.load(str(tiny_w8a8 / "onnx" / "unet_group0.onnx"))
+    largest = max(int(np.abs(numpy_helper.to_array(t).astype(np.int16)).max())
+                  for t in model.graph.initializer if t.name.endswith(".weight_quantized"))
+    assert largest == (127 if expected == "full" else 63)
+    monkeypatch.setattr(cpu_isa, "has_vnni", lambda flags=None: False)
+    full = json.loads(json.dumps(manifest))
+    full["recipe"]["weight_range"] = "full"
+    from deploy.pipeline import _warn_if_int8_saturates
+
+    with caplog.at_level("WARNING"):
+        _warn_if_int8_saturates(manifest if expected == "full" else full)
+    assert "--weight-range half" in caplog.text
