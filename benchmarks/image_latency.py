@@ -67,6 +67,7 @@ def _medians(images: list) -> dict:
     out["unet_step_ms"] = round(1e3 * statistics.median(s for r in images
                                                         for s in r.step_seconds), 2)
     out["total_ms_all"] = [round(1e3 * r.timings["total"], 2) for r in images]
+    out["unet_calls"] = images[0].unet_calls  # full and on cached features (the same each image)
     return out
 
 
@@ -159,14 +160,25 @@ def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,
                "groups": len(set(quantization["step_to_group"]))
                if "step_to_group" in quantization else None,
                "image_size": manifest["image"]["height"],
+               "cache": cache_summary(manifest),
                **run_child(__file__, {"kind": "latency", **task, "schedulers": schedulers,
                                       "repeats": repeats}, f"{label} latency"),
                "sizes_mb": disk_sizes(root, manifest)}
-        row["throughput"] = {str(b): run_child(__file__, {
+        row["throughput"] = {str(b): run_child(__file__, {  # none under --no-throughput
             "kind": "throughput", **task, "batch": b, "scheduler": throughput,
             "repeats": repeats}, f"{label} throughput at batch {b}") for b in batches}
         rows[label] = row
     return rows
+
+
+def cache_summary(manifest: dict) -> dict | None:
+    """The feature cache an export runs with by default: its schedule in calibrated steps."""
+    if "cache" not in manifest:
+        return None
+    cache = manifest["cache"]
+    return {"branch": cache["branch"], "kind": cache["schedule"]["kind"],
+            "full_steps": len(cache["schedule"]["full_steps"]),
+            "calibrated_steps": len(cache["timesteps"])}
 
 
 def _is_ours(row: dict) -> bool:
@@ -175,7 +187,8 @@ def _is_ours(row: dict) -> bool:
 
 def ratios(rows: dict[str, dict]) -> dict[str, dict]:
     """Per export: speed-ups (image and UNet loop, per sampler) and throughput and peak RSS
-    over the first FP32 export; speed-ups of ours over the first NNCF export."""
+    over the first FP32 export; speed-ups of ours over the first NNCF export; and of an
+    export with a feature cache over the uncached export of the same recipe."""
     fp32 = next((label for label, r in rows.items() if r["bits"] == "fp32"), None)
     nncf = next((label for label, r in rows.items() if r["method"] == "nncf"), None)
 
@@ -196,6 +209,10 @@ def ratios(rows: dict[str, dict]) -> dict[str, dict]:
             entry["peak_rss_vs_fp32"] = round(row["peak_rss_mb"] / base["peak_rss_mb"], 3)
         if nncf is not None and _is_ours(row):
             entry["speedup_vs_nncf"] = speedups(rows[nncf], row)
+        twin = next((other for other, r in rows.items() if row["cache"] and not r["cache"]
+                     and (r["bits"], r["method"]) == (row["bits"], row["method"])), None)
+        if twin is not None:
+            entry["speedup_vs_uncached"] = speedups(rows[twin], row)
         out[label] = entry
     return out
 
@@ -224,10 +241,14 @@ def chart(results: dict, path: Path) -> None:
     latency.tick_params(axis="x", labelsize=7)
     latency.legend(fontsize=7)
     bars(memory, labels, [rows[label]["peak_rss_mb"] for label in labels], "peak RSS, MB")
-    batch = str(results["throughput"]["batches"][-1])
-    bars(served, labels, [rows[label]["throughput"][batch]["images_per_min"]
-                          for label in labels],
-         f"images/min, batch {batch}, {results['throughput']['scheduler']}")
+    if results["throughput"]["batches"]:
+        batch = str(results["throughput"]["batches"][-1])
+        bars(served, labels, [rows[label]["throughput"][batch]["images_per_min"]
+                              for label in labels],
+             f"images/min, batch {batch}, {results['throughput']['scheduler']}")
+    else:
+        bars(served, labels, [rows[label]["sizes_mb"]["export"] for label in labels],
+             "export size on disk, MB")
     fig.suptitle(f"{results['model']} {results['image_size']}x{results['image_size']}, "
                  f"{results['machine']['cpu']}, {results['machine']['cores']} cores")
     fig.tight_layout()
@@ -260,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f" (default 4; --quick {QUICK['batch']})")
     p.add_argument("--throughput-scheduler", help="SAMPLER:STEPS of the throughput runs "
                    f"(default {DEFAULT_THROUGHPUT}; --quick {QUICK['throughput']})")
+    p.add_argument("--no-throughput", action="store_true",
+                   help="latency, memory and size only (a full-size throughput run takes long)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2-step samplers, 1 "
                    "repeat, batch 2; without exports, tiny-sd FP32 and W8A8 made in a temp dir")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/image-latency"))
@@ -273,7 +296,7 @@ def run(args: argparse.Namespace, command: str) -> int:
     schedulers = parse_schedulers(args.schedulers or quick.get("schedulers", DEFAULT_SCHEDULERS))
     throughput, = parse_schedulers(args.throughput_scheduler
                                    or quick.get("throughput", DEFAULT_THROUGHPUT))
-    batches = parse_batches(args.batch or quick.get("batch", "4"))
+    batches = [] if args.no_throughput else parse_batches(args.batch or quick.get("batch", "4"))
     repeats = args.repeats if args.repeats is not None else quick.get("repeats", 3)
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")

@@ -32,15 +32,19 @@ def machine_line(results: dict) -> str:
 
 
 def latency_table(results: dict, spec: str) -> str:
-    head = (spec, "text encoder s", "UNet loop s", "UNet step ms", "VAE decoder s", "image s",
-            "speed-up vs FP32", "speed-up vs NNCF")
+    head = (spec, "UNet calls full/cached", "text encoder s", "UNet loop s", "UNet step ms",
+            "VAE decoder s", "image s", "speed-up vs FP32", "speed-up vs NNCF",
+            "speed-up vs uncached")
     lines = []
     for label, row in results["exports"].items():
         lat, ratio = row["latency"][spec], results["ratios"][label]
-        lines.append((label, seconds(lat["text_encoder_ms"]), seconds(lat["unet_loop_ms"]),
+        calls = lat.get("unet_calls") or {}
+        lines.append((label, f"{calls.get('full', '-')}/{calls.get('cached', 0)}",
+                      seconds(lat["text_encoder_ms"]), seconds(lat["unet_loop_ms"]),
                       f"{lat['unet_step_ms']:.1f}", seconds(lat["vae_decoder_ms"]),
                       seconds(lat["total_ms"]), _pair(ratio.get("speedup_vs_fp32"), spec),
-                      _pair(ratio.get("speedup_vs_nncf"), spec)))
+                      _pair(ratio.get("speedup_vs_nncf"), spec),
+                      _pair(ratio.get("speedup_vs_uncached"), spec)))
     return markdown_table(head, lines)
 
 
@@ -96,10 +100,11 @@ def markdown(results: dict) -> str:
                  f"{results['schedulers'][0]}; peak RSS of the latency process; sizes: each "
                  "component's OpenVINO IR, and the whole export folder):\n\n"
                  + memory_table(results))
-    parts.append(f"**Throughput** ({throughput['scheduler']}, `PERFORMANCE_HINT: "
-                 f"{throughput['hint']}`, the UNet's OPTIMAL_NUMBER_OF_INFER_REQUESTS "
-                 "batches in flight; one process per batch size):\n\n"
-                 + throughput_table(results))
+    if throughput["batches"]:
+        parts.append(f"**Throughput** ({throughput['scheduler']}, `PERFORMANCE_HINT: "
+                     f"{throughput['hint']}`, the UNet's OPTIMAL_NUMBER_OF_INFER_REQUESTS "
+                     "batches in flight; one process per batch size):\n\n"
+                     + throughput_table(results))
     goal = goal_line(results)
     if goal:
         parts.append(goal)
