@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 from dq_export.errors import UserError
+from dq_export.manifest import ir_files
 
 ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 COLORS = ("#888888", "#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
@@ -67,8 +68,7 @@ def disk_sizes(root: Path, manifest: dict) -> dict[str, float]:
 
     sizes = {}
     for name, entry in manifest["components"].items():
-        xml = root / entry["openvino"]
-        sizes[name] = mb([xml, xml.with_suffix(".bin")])
+        sizes[name] = mb(ir_files(root, entry))
     sizes["export"] = mb(p for p in root.rglob("*") if p.is_file())
     return sizes
 

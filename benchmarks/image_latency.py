@@ -209,7 +209,7 @@ def ratios(rows: dict[str, dict]) -> dict[str, dict]:
             entry["peak_rss_vs_fp32"] = round(row["peak_rss_mb"] / base["peak_rss_mb"], 3)
         if nncf is not None and _is_ours(row):
             entry["speedup_vs_nncf"] = speedups(rows[nncf], row)
-        twin = next((other for other, r in rows.items() if row["cache"] and not r["cache"]
+        twin = next((other for other, r in rows.items() if row.get("cache") and not r.get("cache")
                      and (r["bits"], r["method"]) == (row["bits"], row["method"])), None)
         if twin is not None:
             entry["speedup_vs_uncached"] = speedups(rows[twin], row)

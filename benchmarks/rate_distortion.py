@@ -20,7 +20,7 @@ from common import markdown_table
 
 
 def points(results: dict) -> list[dict]:
-    from dq_export.manifest import read_manifest
+    from dq_export.manifest import ir_files, read_manifest
 
     run = results["runs"][0]
     rows = []
@@ -31,7 +31,7 @@ def points(results: dict) -> list[dict]:
         manifest = read_manifest(root, verify=False)
         allocation = manifest["quantization"].get("allocation")
         fidelity = run["fidelity"][label]
-        weights = (root / manifest["components"]["unet"]["openvino"]).with_suffix(".bin")
+        _, weights = ir_files(root, manifest["components"]["unet"])
         rows.append({"export": label, "ir_mb": round(weights.stat().st_size / 1e6, 3),
                      "budget": allocation["budget"] if allocation else None,
                      "weight_mb": allocation["weight_bytes"] / 1e6 if allocation else None,

@@ -26,7 +26,7 @@ from deploy.feature_cache import FEATURE, CachedUNet, UncachedUNet, interval_pla
 from deploy.sampler import run_sampler
 from deploy.schedulers import make_scheduler, scheduler_name
 from dq_export.errors import UserError
-from dq_export.manifest import read_manifest
+from dq_export.manifest import ir_files, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class Pipeline:
             shapes["unet"]["encoder_hidden_states"] = [rows, text["max_length"],
                                                        text["hidden_size"]]
         if "vae_decoder" in self.manifest["components"]:
-            shapes["vae_decoder"] = {"latents": [batch_size, *latent]}
+            shapes["vae_decoder"] = {0: [batch_size, *latent]}  # latent_sample (once latents)
         if "unet_shallow" in self.manifest["components"]:
             shapes["unet_shallow"] = dict(shapes["unet"])
         # pybind11 sets up its numpy API once per process, and two threads doing it at once
@@ -135,7 +135,7 @@ class Pipeline:
         core = ov.Core()
         self._compiled = {}  # a new dict: siblings keep the models they were made with
         for name, shape in shapes.items():
-            model = core.read_model(self.root / self.manifest["components"][name]["openvino"])
+            model = core.read_model(*ir_files(self.root, self.manifest["components"][name]))
             if name == "unet_shallow":  # the feature's shape, as the full UNet returns it
                 shape[FEATURE] = list(self._compiled["unet"].output(FEATURE).get_shape())
             model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
@@ -302,7 +302,9 @@ class Pipeline:
         pixels = latents
         if "vae_decoder" in self._compiled:
             decode_start = time.perf_counter()
-            pixels = self._run("vae_decoder", {"latents": latents.astype(np.float32)})
+            # z = latents / scaling (exports before dq-export 0.2 folded it into the decoder)
+            scaling = np.float32(self.manifest["image"].get("latent_scaling", 1.0))
+            pixels = self._run("vae_decoder", {0: (latents / scaling).astype(np.float32)})
             timings["vae_decoder"] = time.perf_counter() - decode_start
             self._release("vae_decoder")
         timings["total"] = time.perf_counter() - start

@@ -67,7 +67,7 @@ def reference_outputs(unet, batch: dict) -> np.ndarray:
 
 
 def measure_errors(full_xml: Path, shallow_xml: Path, trajectories: list[dict], gap: int,
-                   step_input: str | None, progress: bool = True) -> tuple:
+                   progress: bool = True) -> tuple:
     """(full_error [S], cached_error [S, S]): relative MSE of every step in full, and of
     step s reusing step f's feature for 0 < s - f <= ``gap`` (nan elsewhere)."""
     import openvino as ov
@@ -88,9 +88,7 @@ def measure_errors(full_xml: Path, shallow_xml: Path, trajectories: list[dict], 
         feed = {"sample": x, "timestep": np.full(len(x), batch["timestep"][s], np.float32)}
         if "encoder_hidden_states" in batch:
             feed["encoder_hidden_states"] = batch["encoder_hidden_states"]
-        if step_input:
-            feed[step_input] = np.asarray(s, dtype=np.int64)
-        return feed
+        return feed  # the graphs find the calibrated step from the timestep themselves
 
     for batch in trajectories:
         reference = batch["noise_pred"]
@@ -117,7 +115,7 @@ def _squared_error(output: np.ndarray, reference: np.ndarray) -> float:
 
 
 def choose_schedule(root: Path, recipe, timesteps: list[int], unet, cache_dir: Path | None,
-                    ir_paths: dict, step_input: str | None) -> dict:
+                    ir_paths: dict) -> dict:
     """The manifest's ``cache`` entry; the DP also writes the measured errors to
     ``ERRORS_FILE`` (with the uniform schedule of the same K beside it, for comparison)."""
     from calibration.collect import load_trajectories
@@ -137,7 +135,7 @@ def choose_schedule(root: Path, recipe, timesteps: list[int], unet, cache_dir: P
             batch["noise_pred"] = reference_outputs(unet, batch)
     gap = max_gap(steps, k)
     full_error, cached_error = measure_errors(ir_paths["unet"], ir_paths["unet_shallow"],
-                                              trajectories, gap, step_input)
+                                              trajectories, gap)
     chosen = dp_full_steps(full_error, cached_error, k)
     uniform = uniform_full_steps(steps, math.ceil(steps / k))
     predicted = {name: schedule_error(full_error, cached_error, f)

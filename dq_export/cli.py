@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None,
                    help="export folder (default: exports/<model>-<bits>)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--genai", action=argparse.BooleanOptionalAction, default=None,
+                   help="also lay the export out as optimum-intel does, for OpenVINO GenAI's "
+                        "Text2ImagePipeline and OVMS (default: for every text-to-image model)")
     q = p.add_argument_group("quantization (w8a8 and other integer recipes)")
     q.add_argument("--method", default=d.method,
                    help="dq: timestep-aware (this project); nncf: OpenVINO's own W8A8 baseline")
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         from dq_export.export import export
 
         manifest = export(args.model, out, recipe, init=args.init, force=args.force,
-                          prompts=args.prompts, calibration_dir=args.calibration_dir)
+                          prompts=args.prompts, calibration_dir=args.calibration_dir,
+                          genai=args.genai)
     except UserError as e:
         print(f"dq-export: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -87,10 +87,14 @@ def prepare_out(out: Path, force: bool) -> None:
 
 def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
            force: bool = False, prompts: Path | None = None,
-           calibration_dir: Path | None = None) -> dict:
-    """Run the whole export and return the manifest written to ``out``."""
+           calibration_dir: Path | None = None, genai: bool | None = None) -> dict:
+    """Run the whole export and return the manifest written to ``out``. ``genai``: lay it
+    out for OpenVINO GenAI too (None: for every text-to-image model)."""
+    from dq_export.genai_layout import check_requested
+
     recipe.check()
     layout = model_layout(model)  # an unknown model fails here, before any heavy work
+    genai = check_requested(genai, layout.conditional, model)
     if prompts is not None:
         if not layout.conditional:
             raise UserError(f"{model} is an unconditional model: it takes no --prompts")
@@ -102,7 +106,8 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     partial = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        manifest = _export_into(model, layout, partial, recipe, init, prompts, calibration_dir)
+        manifest = _export_into(model, layout, partial, recipe, init, prompts, calibration_dir,
+                                genai)
         _replace(partial, out)
     except BaseException as error:
         written = _written_when_disk_filled(partial, error)
@@ -151,15 +156,16 @@ def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe
 
 
 def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: str,
-                 prompts: Path | None, calibration_dir: Path | None) -> dict:
+                 prompts: Path | None, calibration_dir: Path | None, genai: bool) -> dict:
     from calibration.collect import collect, load_inputs
     from calibration.fit import fit
+    from dq_export.genai_layout import MODEL_BIN, OWN_UNET_XML, ir_path, write_layout
+    from dq_export.ir_weights import share_weights
     from dq_export.loading import load_components
     from dq_export.manifest import write_manifest
     from dq_export.nncf_baseline import quantize_unet_ir
     from dq_export.onnx_export import export_components
     from dq_export.openvino_convert import INT8_WEIGHTS, convert_to_ir
-    from dq_export.qdq import STEP_INDEX
     from dq_export.quantize_unet import (calibration_settings, quantization_manifest,
                                          write_group_graphs, write_params, write_shared_graph)
 
@@ -236,7 +242,7 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     for name, path in graphs.items():
         with stage(f"OpenVINO IR: {name}"):
             ir_paths[name] = convert_to_ir(
-                path, root / "openvino" / f"{name}.xml", compress_to_fp16=recipe.bits == "fp16",
+                path, ir_path(root, name), compress_to_fp16=recipe.bits == "fp16",
                 int8_weights=name == "text_encoder" and recipe.text_encoder_int8)
     for name in unets:
         if graphs[name] not in unet_onnx[name]:  # the shared-scale ONNX: only its IR is kept
@@ -245,10 +251,11 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     if recipe.method == "nncf":
         with stage("NNCF quantize: UNet IR"):
             fp32_xml = ir_paths["unet"]
-            nncf_xml = fp32_xml.with_name("unet_nncf.xml")
+            nncf_xml = fp32_xml.with_name("nncf.xml")
             nncf_settings = quantize_unet_ir(fp32_xml, nncf_xml, load_inputs(summary["cache_dir"]))
             _remove_graph(fp32_xml)
-            ir_paths["unet"] = nncf_xml
+            nncf_xml.rename(fp32_xml)  # the UNet's IR, in its layout's place
+            nncf_xml.with_suffix(".bin").rename(fp32_xml.with_suffix(".bin"))
     cache = None
     if recipe.cache:
         from dq_export.cache_export import choose_schedule
@@ -258,8 +265,7 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
                          calibrated_timesteps(components.scheduler_config,
                                               calibration_settings(recipe)))
             cache = choose_schedule(root, recipe, timesteps, components.unet,
-                                    summary and summary["cache_dir"], ir_paths,
-                                    STEP_INDEX if params is not None else None)
+                                    summary and summary["cache_dir"], ir_paths)
     with stage("tokenizer, hashes and manifest"):
         spec = model_defaults(model)
         body = {
@@ -268,7 +274,9 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
             "task": "text-to-image" if components.conditional else "unconditional",
             "recipe": recipe.to_dict(),
             "image": {"height": size, "width": size, "vae_scale_factor": vae_factor,
-                      "latent_channels": components.latent_channels},
+                      "latent_channels": components.latent_channels,
+                      # the decoder reads latents / latent_scaling (diffusers' and GenAI's rule)
+                      "latent_scaling": components.latent_scaling},
             "scheduler": components.scheduler_config,
             # dq-generate's defaults: the sampling the model's papers use
             "sampling": {"scheduler": spec.sampler, "steps": spec.steps, "eta": spec.eta},
@@ -284,6 +292,15 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
             body.update(tokenizer="tokenizer", text={
                 "max_length": components.tokenizer.model_max_length,
                 "hidden_size": components.text_encoder.config.hidden_size})
+        if recipe.cache:  # the shallow UNet's weights are the full UNet's: one file
+            shared = share_weights(ir_paths["unet_shallow"], ir_paths["unet"],
+                                   ir_paths["unet"].with_suffix(".bin"))
+            body["components"]["unet_shallow"]["weights"] = f"unet/{MODEL_BIN}"
+            cache["weights"] = shared
+        if genai:  # GenAI's UNet graph takes unet/openvino_model.xml; ours reads its weights
+            body["genai"] = write_layout(root, components)
+            body["components"]["unet"].update(
+                openvino=f"unet/{OWN_UNET_XML}", weights=f"unet/{MODEL_BIN}")
         if components.vae is not None:
             body["components"]["vae_decoder"]["autoencoder"] = type(components.vae).__name__
         if recipe.text_encoder_int8 and components.conditional:  # the IR's weights only

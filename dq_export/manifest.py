@@ -65,6 +65,13 @@ def read_manifest(root: Path, verify: bool = True) -> dict:
     return manifest
 
 
+def ir_files(root: Path, entry: dict) -> tuple[Path, Path]:
+    """A component's OpenVINO graph and weights: ``<graph>.bin``, or the ``weights`` the
+    entry names (the export's own UNet graph reads the weights GenAI's UNet graph reads)."""
+    xml = Path(root) / entry["openvino"]
+    return xml, Path(root) / entry["weights"] if "weights" in entry else xml.with_suffix(".bin")
+
+
 def verify_files(root: Path, files: dict[str, dict]) -> None:
     for rel, entry in files.items():
         path = root / rel

@@ -9,9 +9,10 @@ interface is fixed here and nowhere else:
   or v); with a feature cache (``--cache``) also -> ``deep_feature``, the feature at the
   cache point (dq_export.deep_cache)
 - unet_shallow (``--cache`` only): the UNet's inputs and ``deep_feature`` -> ``noise_pred``
-- vae_decoder (latent diffusion only): ``latents`` (as the scheduler holds them) -> ``image``
-  in [-1, 1]; a VQ autoencoder's decoder snaps them to its codebook first, as LDMPipeline's
-  ``vqvae.decode`` does
+- vae_decoder (latent diffusion only): ``latent_sample`` (the scheduler's latents divided by
+  the latent scaling, as diffusers and OpenVINO GenAI divide them) -> ``sample``, the image
+  in [-1, 1] (optimum-intel's names); a VQ autoencoder's decoder snaps them to its codebook
+  first, as LDMPipeline's ``vqvae.decode`` does
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ class TextEncoderGraph(torch.nn.Module):
 
 
 class VaeDecoderGraph(torch.nn.Module):
-    """Decoder with the latent scaling folded in, so the runtime needs no VAE constants."""
+    """The decoder on unscaled latents (the runtime divides by the latent scaling, which the
+    manifest and ``vae_decoder/config.json`` carry)."""
 
-    def __init__(self, vae, latent_scaling: float):
+    def __init__(self, vae):
         super().__init__()
         self.vae = vae
-        self.latent_scaling = float(latent_scaling)
 
-    def forward(self, latents):
-        return self.vae.decode(latents / self.latent_scaling, return_dict=False)[0]
+    def forward(self, latent_sample):
+        return self.vae.decode(latent_sample, return_dict=False)[0]
 
 
 def unet_input_names(components) -> list[str]:
@@ -140,9 +141,9 @@ def export_components(components, out_dir: Path, latent_size: int, opset: int, s
         jobs["unet_shallow"] = (ShallowUNetGraph(unet, cache_branch, example),
                                 (*example, feature), names + [FEATURE], ["noise_pred"])
     if vae is not None:
-        jobs["vae_decoder"] = (VaeDecoderGraph(vae, components.latent_scaling),
+        jobs["vae_decoder"] = (VaeDecoderGraph(vae),
                                (torch.randn(1, components.latent_channels, latent_size,
-                                            latent_size),), ["latents"], ["image"])
+                                            latent_size),), ["latent_sample"], ["sample"])
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, (module, example, inputs, outputs) in jobs.items():

@@ -20,7 +20,8 @@ from calibration.fit import QuantParams
 from calibration.layers import ATTENTION_OPERANDS, PROJECTIONS, activation_keys, owner
 from calibration.quant_math import INT_TYPES, quantize_linear, weight_scales
 
-STEP_INDEX = "step_index"
+STEP_INDEX = "step_index"  # the calibrated step: selects group scales and table entries
+TIMESTEP = "timestep"  # the UNet's timestep input
 INT4_OPSET = 21
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -311,5 +312,34 @@ def build_qdq_unet(model: onnx.ModelProto, params: QuantParams | None, splits: d
     quantize_weights(model, layers, weight_bits)
     if params is not None:
         activations(model, layers, params)
+        select_step_in_graph(model, params.timesteps)
     onnx.checker.check_model(model)
     return model
+
+
+def select_step_in_graph(model: onnx.ModelProto, timesteps: list[int]) -> None:
+    """Replace the ``step_index`` input, where a pass added one, by the index computed from
+    the graph's own ``timestep``: the nearest calibrated timestep, the first of two equally
+    near (deploy.StepTable's rule). The graph then has only the UNet's standard inputs, so
+    any runtime, OpenVINO GenAI's C++ sampler loop among them, selects each step's group
+    scales and table entries by itself."""
+    graph = model.graph
+    step_input = next((i for i in graph.input if i.name == STEP_INDEX), None)
+    if step_input is None:
+        return
+    graph.input.remove(step_input)
+    graph.initializer.extend([
+        numpy_helper.from_array(np.asarray(timesteps, np.float32), "calibrated_timesteps"),
+        numpy_helper.from_array(np.asarray(0, np.int64), f"{STEP_INDEX}.first_row")])
+    nodes = [
+        helper.make_node("Gather", [TIMESTEP, f"{STEP_INDEX}.first_row"],
+                         [f"{STEP_INDEX}.timestep"], name=f"{STEP_INDEX}/Timestep", axis=0),
+        helper.make_node("Sub", ["calibrated_timesteps", f"{STEP_INDEX}.timestep"],
+                         [f"{STEP_INDEX}.difference"], name=f"{STEP_INDEX}/Difference"),
+        helper.make_node("Abs", [f"{STEP_INDEX}.difference"], [f"{STEP_INDEX}.distance"],
+                         name=f"{STEP_INDEX}/Distance"),
+        helper.make_node("ArgMin", [f"{STEP_INDEX}.distance"], [STEP_INDEX],
+                         name=f"{STEP_INDEX}/Nearest", axis=0, keepdims=0),
+    ]
+    for offset, node in enumerate(nodes):
+        graph.node.insert(offset, node)

@@ -20,8 +20,7 @@ from calibration.collect import CalibrationSettings
 from calibration.fit import QuantParams
 from calibration.layers import quantized_layers, shortcut_splits
 from dq_export.onnx_export import save_with_external_data
-from dq_export.qdq import (STEP_INDEX, build_qdq_unet, graph_modules, quantize_activations,
-                           set_group)
+from dq_export.qdq import build_qdq_unet, graph_modules, quantize_activations, set_group
 from dq_export.shared_scales import quantize_activations_shared
 
 WEIGHTS_FILE = "unet_weights.data"  # the full UNet's; a shallow UNet's is <name>_weights.data
@@ -120,8 +119,11 @@ def quantization_manifest(recipe, params: QuantParams | None, summary: dict | No
     timesteps = params.timesteps
     entry.update({
         "params": "quant_params.json",
-        # the OpenVINO graph always reads it; the ONNX group graphs only with time tables
-        "step_index_input": STEP_INDEX,
+        # no step_index input: every graph computes it from its timestep (exports before
+        # dq-export 0.2 had this input, named here, and deploy fed it)
+        "step_index_input": None,
+        "step_selection": "in the graph: step_index = argmin |calibrated timesteps - timestep| "
+                          "(the first of two equally near)",
         "openvino_form": {
             "form": OPENVINO_FORM,
             "what": "one graph for all groups: unit-scale int8 quantizers, each step's scales "

@@ -48,7 +48,7 @@ def test_quick_run_has_every_export_component_and_ratio(quick_run):
     assert results["exports"]["ours"]["sizes_mb"]["unet"] < \
         results["exports"]["fp32"]["sizes_mb"]["unet"]
     # int8 weights: tiny-sd's IR .xml (graph text) is as big as its weights, so compare the .bin
-    weights = {label: (Path(row["export"]) / "openvino" / "unet.bin").stat().st_size
+    weights = {label: (Path(row["export"]) / "unet" / "openvino_model.bin").stat().st_size
                for label, row in results["exports"].items()}
     assert weights["ours"] < weights["fp32"] / 3.5
     ratios = results["ratios"]

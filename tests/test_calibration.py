@@ -9,6 +9,7 @@ from calibration.layers import shortcut_splits
 from dq_export.errors import UserError
 from dq_export.export import export
 from dq_export.loading import load_components
+from dq_export.manifest import ir_files
 from dq_export.recipe import Recipe
 
 SETTINGS = CalibrationSettings(steps=4, num_prompts=4, batch_size=2)
@@ -128,7 +129,8 @@ def test_weight_only_export_has_one_graph_and_int8_weights(tmp_path):
 
     manifest = export("tiny-sd", tmp_path / "w8a16", Recipe(bits="w8a16"), init="random")
     assert manifest["components"]["unet"] == {"onnx": "onnx/unet_qdq.onnx",
-                                              "openvino": "openvino/unet.xml"}
+                                              "openvino": "unet/dq_model.xml",
+                                              "weights": "unet/openvino_model.bin"}
     assert manifest["quantization"]["activations"] == "float (weight-only)"
     model = onnx.load(str(tmp_path / "w8a16" / "onnx" / "unet_qdq.onnx"))
     ops = {n.op_type for n in model.graph.node}
@@ -168,6 +170,6 @@ def test_w4a16_puts_int4_on_linear_layers_and_int8_on_convs(tmp_path):
     got = session.run(["time_embedding.linear_1.weight_dequantized"], feeds)[0]
     expected = fake_quant_weight(tiny.unet.time_embedding.linear_1.weight.detach().numpy(), 4)
     np.testing.assert_allclose(got, expected, atol=1e-7)  # Gemm keeps torch's [out, in]
-    ir = ov.Core().read_model(tmp_path / "w4" / manifest["components"]["unet"]["openvino"])
+    ir = ov.Core().read_model(*ir_files(tmp_path / "w4", manifest["components"]["unet"]))
     assert any(op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.i4
                for op in ir.get_ops())

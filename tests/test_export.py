@@ -16,19 +16,20 @@ def test_manifest_describes_the_export(tiny_export):
                                  "init": "random", "seed": 0}
     assert manifest["recipe"]["bits"] == "fp32"
     assert manifest["image"] == {"height": 64, "width": 64, "vae_scale_factor": 4,
-                                 "latent_channels": 4}
+                                 "latent_channels": 4, "latent_scaling": 0.18215}
     assert manifest["scheduler"]["_class_name"] == "PNDMScheduler"
     assert {"torch", "onnx", "openvino"} <= set(manifest["versions"])
     for name in ("text_encoder", "unet", "vae_decoder"):
         paths = manifest["components"][name]
-        for rel in (paths["onnx"], paths["openvino"], paths["openvino"][:-4] + ".bin"):
+        for rel in (paths["onnx"], paths["openvino"], paths.get("weights",
+                                                               paths["openvino"][:-4] + ".bin")):
             entry = manifest["files"][rel]
             assert entry["bytes"] == (tiny_export / rel).stat().st_size > 0
             assert entry["sha256"] == sha256(tiny_export / rel)
 
 
 def test_onnx_graphs_pass_the_checker_with_the_documented_interface(tiny_export):
-    expected = {"text_encoder": ["input_ids"], "vae_decoder": ["latents"],
+    expected = {"text_encoder": ["input_ids"], "vae_decoder": ["latent_sample"],
                 "unet": ["sample", "timestep", "encoder_hidden_states"]}
     for name, inputs in expected.items():
         path = tiny_export / "onnx" / f"{name}.onnx"
@@ -41,7 +42,7 @@ def test_onnx_graphs_pass_the_checker_with_the_documented_interface(tiny_export)
 def test_openvino_ir_keeps_fp32_weights(tiny_export):
     import openvino as ov
 
-    model = ov.Core().read_model(tiny_export / "openvino" / "unet.xml")
+    model = ov.Core().read_model(tiny_export / "unet" / "openvino_model.xml")
     constants = [op for op in model.get_ops() if op.get_type_name() == "Constant"]
     assert not any(c.get_element_type() == ov.Type.f16 for c in constants)
 

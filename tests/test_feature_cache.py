@@ -10,6 +10,7 @@ import types
 
 import numpy as np
 import onnx
+import openvino as ov
 import pytest
 import torch
 from onnx import numpy_helper
@@ -24,6 +25,7 @@ from dq_export.deep_cache import (FullUNetGraph, ShallowUNetGraph, feature_modul
                                   valid_branches)
 from dq_export.errors import UserError
 from dq_export.loading import load_components
+from dq_export.manifest import ir_files
 from dq_export.recipe import TINY_CALIBRATION, Recipe
 
 
@@ -139,7 +141,7 @@ def make_timesteps(scheduler: str, config: dict, steps: int) -> list[float]:
 def test_quantized_pair_shares_groups_scales_and_tables(cached_w8a8):
     """The shallow UNet's quantizers are a subset of the full UNet's, with the same scale in
     every group and the same per-step tables; the IR has the standard inputs plus the
-    feature (and step_index); both graphs are listed, hashed and loaded."""
+    feature; both graphs are listed, hashed and loaded."""
     manifest = json.loads((cached_w8a8 / "manifest.json").read_text())
     full_groups = manifest["components"]["unet"]["groups"]
     shallow_groups = manifest["components"]["unet_shallow"]["groups"]
@@ -153,14 +155,16 @@ def test_quantized_pair_shares_groups_scales_and_tables(cached_w8a8):
         for key in scales + [k for k in shallow if k.endswith("weight_quantized")]:
             np.testing.assert_array_equal(shallow[key], full[key])
     assert "onnx/unet_shallow_weights.data" in manifest["files"]
-    import openvino as ov
 
     core = ov.Core()
-    full_ir = core.read_model(cached_w8a8 / manifest["components"]["unet"]["openvino"])
-    shallow_ir = core.read_model(cached_w8a8 / manifest["components"]["unet_shallow"]["openvino"])
+    full_ir = core.read_model(*ir_files(cached_w8a8, manifest["components"]["unet"]))
+    shallow_ir = core.read_model(*ir_files(cached_w8a8, manifest["components"]["unet_shallow"]))
+    shared = manifest["cache"]["weights"]  # its weights are the full UNet's, in one file
+    assert shared["appended_bytes"] < 0.01 * shared["shared_bytes"]
+    assert not list((cached_w8a8 / "unet_shallow").glob("*.bin"))
     assert [o.get_any_name() for o in full_ir.outputs] == ["noise_pred", "deep_feature"]
     assert {i.get_any_name() for i in shallow_ir.inputs} == {
-        "sample", "timestep", "encoder_hidden_states", "deep_feature", "step_index"}
+        "sample", "timestep", "encoder_hidden_states", "deep_feature"}
 
 
 def _initializers(path) -> dict:

@@ -56,7 +56,7 @@ def test_unet_call_matches_torch_at_256(model, tmp_path_factory):
     with torch.no_grad():
         expected = components.unet(sample, timestep, context).sample.numpy().ravel()
     del components
-    compiled = ov.Core().compile_model(export_dir / "openvino" / "unet.xml", "CPU",
+    compiled = ov.Core().compile_model(export_dir / "unet" / "openvino_model.xml", "CPU",
                                        DEFAULT_OV_CONFIG)
     got = compiled({"sample": sample.numpy(), "timestep": timestep.numpy(),
                     "encoder_hidden_states": context.numpy()})[0].ravel()

@@ -88,7 +88,7 @@ def test_openvino_and_onnx_runtime_compute_the_simulation_in_every_group(mixed):
         with fake_quantized(unet, params, g, k, mixed["splits"],
                             weight_bits(unet, "w8a8", mixed["weight_range"])):
             all_int8 = _torch(unet, run)
-        feeds = dict(run, step_index=np.asarray(k, np.int64))
+        feeds = dict(run)
         ov_out = compiled(feeds)[0]
         onnx_out = ort.InferenceSession(str(mixed["groups"][g]),
                                         providers=["CPUExecutionProvider"]).run(None, feeds)[0]

@@ -117,13 +117,13 @@ def test_missing_manifest_and_tampered_files_are_detected(tiny_export, tmp_path)
         Pipeline.load(tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(tiny_export, copy)
-    with open(copy / "openvino" / "unet.bin", "r+b") as f:
+    with open(copy / "unet" / "openvino_model.bin", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02\x03")
-    with pytest.raises(UserError, match="unet.bin does not match its manifest hash"):
+    with pytest.raises(UserError, match="openvino_model.bin does not match its manifest hash"):
         Pipeline.load(copy)
-    (copy / "openvino" / "unet.bin").unlink()
-    with pytest.raises(UserError, match="unet.bin is missing"):
+    (copy / "unet" / "openvino_model.bin").unlink()
+    with pytest.raises(UserError, match="openvino_model.bin is missing"):
         Pipeline.load(copy)
 
 

@@ -16,6 +16,7 @@ from calibration.layers import activation_keys, attention_modules, quantized_lay
 from calibration.statistics import StepStatistics, statistic_keys
 from deploy import Pipeline
 from dq_export.loading import load_components
+from dq_export.manifest import ir_files
 
 ort.set_default_logger_severity(3)
 
@@ -75,7 +76,7 @@ def test_every_quantizer_in_the_graph_computes_the_simulated_rounding(tiny_w8a8,
         model = onnx.load(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"))
         weight_names = [f"{key}.weight_dequantized" for name in layers
                         for key in activation_keys(name, splits)]
-        feeds = dict(call_at(calls, params.timesteps[k]), step_index=np.asarray(k, np.int64))
+        feeds = dict(call_at(calls, params.timesteps[k]))
         probes, values = run_with_probes(model, keys, feeds,
                                          weight_names + [f"{key}.dequantized" for key in keys])
         for key in keys:
@@ -123,7 +124,7 @@ def test_shared_graph_applies_each_steps_scales(tiny_w8a8, tiny_export, setup, t
                 return np.float32(q.step_scales[k] if q.step_scales is not None
                                   else q.group_scales[g])
 
-            feeds = dict(call_at(calls, params.timesteps[k]), step_index=np.asarray(k, np.int64))
+            feeds = dict(call_at(calls, params.timesteps[k]))
             probes, values = run_with_probes(onnx.load(str(path)), keys, feeds, [
                 name for key in keys for name in (f"{key}.dequantized",
                                                   f"{key}.inverse_y_scale_step")]
@@ -149,7 +150,7 @@ def test_shared_graph_applies_each_steps_scales(tiny_w8a8, tiny_export, setup, t
     for g, steps in enumerate(params.groups):
         k = steps[0]
         call = call_at(calls, params.timesteps[k])
-        feeds = dict(call, step_index=np.asarray(k, np.int64))
+        feeds = dict(call)
         group_out = ort.InferenceSession(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"),
                                          providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         shared_out, fp = shared.run(None, feeds)[0], unet_out(components.unet, call)
@@ -164,12 +165,14 @@ def test_onnxruntime_and_openvino_agree_with_the_torch_simulation(tiny_w8a8, set
     per-quantizer check is the test above). So: each runtime's error against FP32 is the
     simulation's to within 30 %, and the runtime lies closer to the simulation than two
     independent draws of that error would (sqrt(2) x the error). OpenVINO runs the one
-    shared graph, which reads the group from step_index."""
+    shared graph, which finds the group from the timestep."""
     import openvino as ov
 
     manifest, params, components, calls = setup
     splits = shortcut_splits(components.unet)
-    compiled = ov.Core().compile_model(tiny_w8a8 / manifest["components"]["unet"]["openvino"],
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(*ir_files(tiny_w8a8,
+                                                            manifest["components"]["unet"])),
                                        "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     for g, steps in enumerate(params.groups):
         k = steps[0]
@@ -178,7 +181,7 @@ def test_onnxruntime_and_openvino_agree_with_the_torch_simulation(tiny_w8a8, set
         with fake_quantized(components.unet, params, g, k, splits,
                             export_bits(manifest, components.unet)):
             sim = unet_out(components.unet, call)
-        feeds = dict(call, step_index=np.asarray(k, np.int64))
+        feeds = dict(call)
         onnx_out = ort.InferenceSession(str(tiny_w8a8 / "onnx" / f"unet_group{g}.onnx"),
                                         providers=["CPUExecutionProvider"]).run(None, feeds)[0]
         ov_out = compiled(feeds)[0]
@@ -194,7 +197,7 @@ def test_onnxruntime_and_openvino_agree_with_the_torch_simulation(tiny_w8a8, set
 def test_groups_have_their_own_scales_and_tables_hold_per_step_fits(tiny_w8a8, setup):
     manifest, params, components, calls = setup
     q = manifest["quantization"]
-    assert len(q["groups"]) == 4 and q["step_index_input"] == "step_index"
+    assert len(q["groups"]) == 4 and q["step_index_input"] is None  # chosen in the graph
     assert sorted(s for g in q["groups"] for s in g["steps"]) == list(range(10))
     differing = [key for key, a in params.activations.items()
                  if len(set(np.round(a.group_scales, 8))) > 1]
@@ -227,7 +230,7 @@ def test_groups_share_one_weight_file(tiny_w8a8):
                       if e.key == "location"}
     assert locations == {"unet_weights.data"}
     # and OpenVINO gets one graph for all groups, so weights are in memory once
-    assert [p.name for p in (tiny_w8a8 / "openvino").glob("unet*.xml")] == ["unet.xml"]
+    assert sorted(p.name for p in (tiny_w8a8 / "unet").glob("*.bin")) == ["openvino_model.bin"]
     assert (tiny_w8a8 / "onnx" / "unet_weights.data").stat().st_mode & 0o777 == 0o644
 
 
@@ -250,8 +253,8 @@ def test_text_encoder_is_int8_weight_only_and_close_to_fp32(tiny_w8a8, tiny_expo
     manifest = json.loads((tiny_w8a8 / "manifest.json").read_text())
     assert manifest["recipe"]["text_encoder_weights"] == "int8"
     assert "int8" in manifest["components"]["text_encoder"]["openvino_weights"]
-    assert "u8" in weight_types(tiny_w8a8 / "openvino" / "text_encoder.xml")
-    assert weight_types(tiny_export / "openvino" / "text_encoder.xml") == {"f32"}
+    assert "u8" in weight_types(tiny_w8a8 / "text_encoder" / "openvino_model.xml")
+    assert weight_types(tiny_export / "text_encoder" / "openvino_model.xml") == {"f32"}
     assert "openvino_weights" not in json.loads(
         (tiny_export / "manifest.json").read_text())["components"]["text_encoder"]
     prompts = ["a handwritten digit 7", "", "the number three, written twice"]
@@ -289,7 +292,7 @@ def test_nncf_baseline_reuses_the_calibration_and_runs(tiny_w8a8, tmp_path):
     q = manifest["quantization"]
     assert q["method"] == "nncf" and q["nncf"]["model_type"] == "transformer"
     assert q["calibration"]["cache_dir"] == cache
-    model = ov.Core().read_model(out / manifest["components"]["unet"]["openvino"])
+    model = ov.Core().read_model(*ir_files(out, manifest["components"]["unet"]))
     assert any(op.get_type_name() == "FakeQuantize" for op in model.get_ops())
     result = Pipeline.load(out).generate("a handwritten digit 7", steps=5)
     assert result.images[0].size == (64, 64)
@@ -317,7 +320,7 @@ def test_w4a8_generates_close_to_fp32(tiny_w8a8, tiny_export, tmp_path):
                for n in onnx.load(str(graph), load_external_data=False).graph.node)
     call = load_inputs(cache)[0]
     onnx_out = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"]).run(
-        None, dict(call, step_index=np.asarray(0, np.int64)))[0]
+        None, dict(call))[0]
     fp = ort.InferenceSession(str(tiny_export / "onnx" / "unet.onnx"),
                               providers=["CPUExecutionProvider"]).run(None, call)[0]
     assert 1e-3 < rel(onnx_out, fp) < 0.5
@@ -398,7 +401,7 @@ def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
                                                          load_external_data=False).graph.node
                  if n.op_type == "QuantizeLinear"}
     assert quantized == set(saved)
-    ir = ov.Core().read_model(out / manifest["components"]["unet"]["openvino"])
+    ir = ov.Core().read_model(*ir_files(out, manifest["components"]["unet"]))
     # quantizers of one input (to_q, to_k, to_v) are merged by OpenVINO when identical
     in_ir = {op.get_friendly_name().split("/")[0] for op in ir.get_ops()
              if op.get_type_name() == "FakeQuantize"}
@@ -425,12 +428,12 @@ def test_int8_attention_quantizes_the_softmax_output_too(tiny_w8a8, setup, tmp_p
     softmax = [f"{name}@p" for name in attention_modules(components.unet)]
     assert all(params.activations[key].dtype == "uint8" for key in softmax)
     splits = shortcut_splits(components.unet)
-    compiled = ov.Core().compile_model(out / "openvino" / "unet.xml", "CPU",
+    compiled = ov.Core().compile_model(out / "unet" / "openvino_model.xml", "CPU",
                                        {"INFERENCE_PRECISION_HINT": "f32"})
     for g, steps in enumerate(params.groups):
         k = steps[-1]
         call = call_at(calls, params.timesteps[k])
-        feeds = dict(call, step_index=np.asarray(k, np.int64))
+        feeds = dict(call)
         group_graph = onnx.load(str(out / "onnx" / f"unet_group{g}.onnx"))
         probes, values = run_with_probes(group_graph, softmax, feeds,
                                          [f"{key}.dequantized" for key in softmax])

@@ -180,7 +180,8 @@ def test_w8a8_groups_time_tables_and_split_shortcut(ldm_w8a8):
     assert splits and all(f"{name}#{half}" in activations for name in splits for half in (0, 1))
     group0 = onnx.load(str(ldm_w8a8 / "onnx" / "unet_group0.onnx"), load_external_data=False)
     assert sum(n.name.endswith("/SplitAdd") for n in group0.graph.node) == len(splits)
-    assert "step_index" in [i.name for i in group0.graph.input]
+    assert [i.name for i in group0.graph.input] == ["sample", "timestep"]  # step: in the graph
+    assert any(n.op_type == "ArgMin" for n in group0.graph.node)
 
     pipe = Pipeline.load(ldm_w8a8)
     calls = {int(c["timestep"][0]): c for c in load_inputs(calibration["cache_dir"])}
