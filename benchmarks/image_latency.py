@@ -160,7 +160,7 @@ def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,
         print(f"{label}: {root}", file=sys.stderr, flush=True)
         task = {"export": str(root), "label": label}
         row = {"export": str(root), "model": manifest["model"].get("name") or root.name,
-               "bits": manifest["recipe"]["bits"],
+               "init": manifest["model"].get("init"), "bits": manifest["recipe"]["bits"],
                "method": manifest["recipe"]["method"],
                "groups": len(set(quantization["step_to_group"]))
                if "step_to_group" in quantization else None,

@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"model_zoo: error: {e}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps({"machine": machine(), "rows": rows},
-                                                      indent=1) + "\n")
+    command = " ".join(["python benchmarks/model_zoo.py", *(argv or sys.argv[1:])])
+    (args.out / "results.json").write_text(json.dumps(
+        {"machine": machine(), "rows": rows, "command": command}, indent=1) + "\n")
     print(table(rows))
     print(f"\nwrote {args.out / 'results.json'}")
     return 0

@@ -151,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     size = manifest["image"]["height"]
     results = {"machine": machine(),
                "image_size": size, "unet_batch": 2, "calls": args.calls, "rows": rows,
-               "goals": goals(rows)}
+               "goals": goals(rows),
+               "command": " ".join(["python benchmarks/unet_deployment.py",
+                                    *(argv or sys.argv[1:])])}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(rows, args.out / "results.png", f"{manifest['model'].get('name', '')} {size}x{size}, "
