@@ -78,7 +78,7 @@ def test_ratios_against_fp32_and_nncf(monkeypatch):
     from image_latency import memory_goal, ratios
 
     def row(bits, method, total_ms, unet_ms, rss, per_min):
-        return {"bits": bits, "method": method, "peak_rss_mb": rss,
+        return {"bits": bits, "method": method, "peak_rss_mb": rss, "cache": None,
                 "latency": {"pndm:50": {"total_ms": total_ms, "unet_loop_ms": unet_ms}},
                 "throughput": {"4": {"images_per_min": per_min}}}
 
