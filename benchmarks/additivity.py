@@ -24,9 +24,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import machine
 
 SUBSET_SIZES = (2, 4, 8, 16, 32, 64, 128)
 POINTS = ("w8", "w4", "a8", "w8+a8")
+
+DURATION = ("Time on 2 cores: the single-layer curves took about 13 minutes for sd14 at 64x64 "
+            "with one group, and about 2 minutes for the tiny-sd reference model with four.")
 
 
 def random_config(rng, names: list[str], kinds: dict[str, str], count: int) -> dict:
@@ -128,7 +132,7 @@ def chart(points: list[dict], path: Path, title: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=DURATION)
     p.add_argument("--model", default="tiny-sd")
     p.add_argument("--init", default="pretrained", choices=("pretrained", "random"))
     p.add_argument("--size", type=int, default=None, help="image size (default: native)")
@@ -199,7 +203,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     label = f"{args.model} ({args.init}, {size}x{size})"
     timing = allocation_timing(curves, unet, params, args.out, label)
-    result = {"model": args.model, "init": args.init, "image_size": size,
+    result = {"machine": machine(), "model": args.model, "init": args.init, "image_size": size,
               "calibration": summary, "collect_and_fit_seconds": round(collect_seconds, 1),
               "curves_seconds": curves["seconds"], "joint_seconds": round(joint_seconds, 1),
               "steps_measured": curves["steps_measured"],

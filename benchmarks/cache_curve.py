@@ -32,6 +32,8 @@ from dq_export.errors import UserError
 
 INTERVALS = (1, 2, 3, 4, 5, 7, 10)  # the uniform schedules; the DP gets each one's K
 
+DURATION = "Time on 2 cores: about 40 s per point at 20 seeds."
+
 
 def measured_errors(pipe) -> tuple[np.ndarray, np.ndarray]:
     """The export's per-step errors in full, and reusing an earlier step's feature."""
@@ -159,7 +161,7 @@ def chart(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=DURATION)
     p.add_argument("exports", nargs="+", help="LABEL=DIR: FP32 uncached first, then cached "
                    "exports of tiny-sd made with --cache-steps")
     p.add_argument("--scheduler", default="pndm:50", help="SAMPLER:STEPS (default pndm:50)")

@@ -13,6 +13,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 from dq_export.errors import UserError
@@ -28,6 +29,8 @@ def parse_exports(items: list[str]) -> dict[str, Path]:
     (these scripts draw prompts; benchmarks/model_zoo.py measures unconditional models)."""
     from dq_export.manifest import read_manifest
 
+    if not items:
+        raise UserError("give exports as LABEL=EXPORT_DIR, e.g. fp32=exports/sd14-fp32")
     exports: dict[str, Path] = {}
     for item in items:
         label, sep, path = item.partition("=")
@@ -118,17 +121,35 @@ def child_main(task: str, out: Path, measure) -> int:
 
 
 def machine() -> dict:
-    """What the numbers were measured on: CPU, cores, the ISA flags int8 speed depends on."""
+    """What the numbers were measured on (CPU, cores, the ISA flags int8 speed depends on),
+    when, and with which code: docs/results.md states all of it beside each table."""
     import openvino as ov
 
-    from dq_export.target_cpu import cpu_description
-
     from dq_export.cpu_isa import cpu_flags
+    from dq_export.target_cpu import cpu_description
 
     flags = cpu_flags()
     return {"cpu": cpu_description()["device"], "cores": len(os.sched_getaffinity(0)),
             "isa": [f for f in ISA_FLAGS if f in flags],
-            "openvino": ov.get_version(), "python": platform.python_version()}
+            "openvino": ov.get_version(), "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": git_commit()}
+
+
+def git_commit() -> str | None:
+    """This checkout's commit, with ``-dirty`` when tracked files differ from it; None
+    outside a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "diff", "--quiet", "HEAD"],
+                               capture_output=True, timeout=10).returncode == 1
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def markdown_table(head: tuple | list, rows: list) -> str:

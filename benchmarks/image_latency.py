@@ -39,9 +39,14 @@ from dq_export.errors import UserError
 DEFAULT_SCHEDULERS = "pndm:50,dpm++:20"  # the papers' PLMS 50 steps, and a fast sampler
 DEFAULT_THROUGHPUT = "dpm++:20"
 QUICK = {"schedulers": "pndm:2,dpm++:2", "throughput": "dpm++:2", "repeats": 1, "batch": "2"}
+QUICK_OUT = Path("outputs/image-latency-quick")
 PROMPT = "a photograph of a lighthouse at dusk"
 TIMED = ("text_encoder", "unet_loop", "vae_decoder", "total")  # deploy.Pipeline's timings
 MEMORY_GOAL = 0.4  # the issue's goal: ours W8A8 peak RSS <= 0.4x FP32's
+
+DURATION = ("Time on 2 cores at full size: sd14 at 512, three exports, one dpm++:20 image "
+            "each plus dpm++:4 throughput (--repeats 1 --batch 1 --throughput-scheduler "
+            "dpm++:4): about 20 minutes; four exports with pndm:50 as well: about 49 minutes.")
 
 
 def parse_batches(text: str) -> list[int]:
@@ -155,7 +160,7 @@ def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,
         print(f"{label}: {root}", file=sys.stderr, flush=True)
         task = {"export": str(root), "label": label}
         row = {"export": str(root), "model": manifest["model"].get("name") or root.name,
-               "bits": manifest["recipe"]["bits"],
+               "init": manifest["model"].get("init"), "bits": manifest["recipe"]["bits"],
                "method": manifest["recipe"]["method"],
                "groups": len(set(quantization["step_to_group"]))
                if "step_to_group" in quantization else None,
@@ -271,7 +276,7 @@ def quick_exports(root: Path) -> dict[str, Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=DURATION)
     p.add_argument("exports", nargs="*", help="LABEL=EXPORT_DIR, in the order to run them")
     p.add_argument("--schedulers", help="SAMPLER:STEPS,... timed for latency "
                    f"(default {DEFAULT_SCHEDULERS}; --quick {QUICK['schedulers']})")
@@ -285,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latency, memory and size only (a full-size throughput run takes long)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2-step samplers, 1 "
                    "repeat, batch 2; without exports, tiny-sd FP32 and W8A8 made in a temp dir")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/image-latency"))
+    p.add_argument("--out", type=Path, help="results folder (default benchmarks/results/"
+                   f"image-latency; --quick {QUICK_OUT}: a smoke run is not a result)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     return p
@@ -302,9 +308,10 @@ def run(args: argparse.Namespace, command: str) -> int:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
     if not args.exports and not args.quick:
         raise UserError("give exports as LABEL=DIR, e.g. fp32=exports/sd14-fp32 (or --quick)")
+    args.out = args.out or (QUICK_OUT if args.quick else Path("benchmarks/results/image-latency"))
     if args.out.exists() and not args.out.is_dir():
         raise UserError(f"--out {args.out} exists and is not a folder")
-    exports = parse_exports(args.exports)
+    exports = parse_exports(args.exports) if args.exports else {}  # --quick makes its own
     with tempfile.TemporaryDirectory(prefix="dq-bench-quick-") as tmp:
         exports = exports or quick_exports(Path(tmp))
         rows = benchmark(exports, schedulers, repeats, batches, throughput)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from common import machine
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "calibration" / "prompts.txt"
 
@@ -72,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     (ref_label, reference), others = next(iter(pipes.items())), dict(list(pipes.items())[1:])
     errors = {label: e["relative_error"] for label, e in trajectory_errors(
         reference, others, prompts, args.steps, args.scheduler, args.seed).items()}
-    results = {"reference": ref_label, "prompts": prompts, "steps": args.steps,
-               "scheduler": args.scheduler, "seed": args.seed,
+    results = {"machine": machine(), "reference": ref_label, "prompts": prompts,
+               "steps": args.steps, "scheduler": args.scheduler, "seed": args.seed,
                "exports": {label: pipes[label].root.as_posix() for label in pipes},
                "mean": {k: round(float(e.mean()), 5) for k, e in errors.items()},
                "max": {k: round(float(e.max()), 5) for k, e in errors.items()},

@@ -1,5 +1,5 @@
-"""Markdown tables of a ``benchmarks/image_latency.py`` results.json, so that the README's
-results section is generated from the measurements, never typed.
+"""Markdown tables of a ``benchmarks/image_latency.py`` results.json, so that docs/results.md
+(benchmarks/results_doc.py) is generated from the measurements, never typed.
 
     python benchmarks/readme_table.py benchmarks/results/sd14-image-latency/results.json
 """

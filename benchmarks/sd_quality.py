@@ -14,6 +14,9 @@ Prompt i is drawn with seed --seed + i by every export. Images go to OUT/LABEL/0
 with their settings in the PNG, so a rerun keeps those already made with the same settings.
 Nothing is downloaded but torch-fidelity's InceptionV3 weights when --inception-weights is
 not given. Prints a table; writes results.json and grid.png (a row per export) to --out.
+
+Time on 2 cores at 512: an sd14 image takes about 8 minutes in FP32 and 4 in W8A8 (PNDM 50),
+so 100 captions through FP32, NNCF and ours take about a day.
 """
 
 from __future__ import annotations

@@ -78,7 +78,7 @@ def test_ratios_against_fp32_and_nncf(monkeypatch):
     from image_latency import memory_goal, ratios
 
     def row(bits, method, total_ms, unet_ms, rss, per_min):
-        return {"bits": bits, "method": method, "peak_rss_mb": rss,
+        return {"bits": bits, "method": method, "peak_rss_mb": rss, "cache": None,
                 "latency": {"pndm:50": {"total_ms": total_ms, "unet_loop_ms": unet_ms}},
                 "throughput": {"4": {"images_per_min": per_min}}}
 
@@ -115,6 +115,59 @@ def test_bad_input_is_one_line_error(tmp_path, args, message):
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("image_latency: error:")
     assert message in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_quick_without_exports_makes_its_own(monkeypatch, tmp_path):
+    """``image_latency.py --quick`` alone, the README's smoke command, once crashed with
+    StopIteration in parse_exports: it must go on to make tiny-sd exports and time them, and
+    write under outputs/, not benchmarks/results/ (a smoke run is not a result)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.chdir(tmp_path)
+    import image_latency
+
+    made = {"fp32": tmp_path / "fp32", "w8a8": tmp_path / "w8a8"}
+    timed = []
+
+    class Timed(Exception):
+        pass
+
+    def benchmark(exports, *args):
+        timed.append(exports)
+        raise Timed
+
+    monkeypatch.setattr(image_latency, "quick_exports", lambda root: made)
+    monkeypatch.setattr(image_latency, "benchmark", benchmark)
+    args = image_latency.build_parser().parse_args(["--quick"])
+    with pytest.raises(Timed):
+        image_latency.run(args, "python benchmarks/image_latency.py --quick")
+    assert timed == [made]
+    assert args.out == Path("outputs/image-latency-quick")
+
+
+def test_parse_exports_refuses_an_empty_list(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from common import parse_exports
+
+    from dq_export.errors import UserError
+
+    with pytest.raises(UserError, match="LABEL=EXPORT_DIR"):
+        parse_exports([])
+
+
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
+TIMED_AT_FULL_SIZE = {"additivity.py", "cache_curve.py", "image_latency.py", "model_zoo.py",
+                      "quality.py", "sd_quality.py", "unet_deployment.py"}  # the measured ones
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_says_what_it_measures(script):
+    """--help is instant, exits 0, opens with what the script measures or makes, and says how
+    long a full-size run took on 2 cores where that was measured."""
+    done = run_script(script, "--help")
+    assert done.returncode == 0, done.stderr[-2000:]
+    description = done.stdout.split("\n\n")[1]
+    assert len(description.split()) >= 6, done.stdout[:500]
+    assert ("Time on 2 cores" in done.stdout) == (script in TIMED_AT_FULL_SIZE)
 
 
 def test_readme_table_refuses_other_json(tmp_path):

@@ -2,7 +2,7 @@
 
 Two servers on the tiny-sd export: one with an API key and a queue of 4 (inputs, load,
 metrics), one with a 3 s timeout (timeouts, graceful shutdown). Plus the command's own
-errors, and the README's embedding example (create_app mounted in another ASGI app).
+errors, and docs/serving.md's embedding example (create_app mounted in another ASGI app).
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def test_help_loads_nothing_heavy():
 
 
 def test_create_app_mounts_inside_another_app(tiny_pipeline):
-    """The README's embedding example: the generation API under a prefix of an existing app."""
+    """docs/serving.md's embedding example: the generation API under a prefix of an existing app."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
