@@ -51,6 +51,8 @@ def flag(action: argparse.Action) -> str:
 
 
 def default(action: argparse.Action) -> str:
+    if action.nargs == 0 and action.default is None:  # an on/off pair left to the command
+        return "see description"
     if action.nargs == 0:
         return "off (a switch)"
     if action.default in (None, argparse.SUPPRESS, []):
