@@ -142,7 +142,7 @@ def _fmt(estimate: dict) -> str:
 
 
 def chart(results: dict, path: Path) -> None:
-    fig, (ax,) = figure(1, width=7.0)
+    fig, ax = figure(1, width=7.0)
     for label, points in results["exports"].items():
         for kind, style in (("uniform", "--o"), ("dp", "-s")):
             ps = sorted((p for p in points if p["kind"] == kind), key=lambda p: p["k"])
