@@ -96,6 +96,25 @@ def test_ratios_against_fp32_and_nncf(monkeypatch):
     assert "speedup_vs_fp32" not in ratios(rows)["ours"]  # no FP32 export, no such ratio
 
 
+def test_cache_goal_needs_both_ratios(monkeypatch):
+    """Ours + cache meets the goal only at >= 2x its uncached twin and >= 5x FP32."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    from image_latency import cache_goal, ratios
+
+    def row(bits, total_ms, cache=None):
+        return {"bits": bits, "method": "dq", "peak_rss_mb": 100, "cache": cache,
+                "latency": {"pndm:50": {"total_ms": total_ms, "unet_loop_ms": total_ms}},
+                "throughput": {}}
+
+    cache = {"branch": 0, "kind": "dp", "full_steps": 17, "calibrated_steps": 50}
+    rows = {"fp32": row("fp32", 10000), "ours": row("w8a8", 4000),
+            "ours-cache": row("w8a8", 2000, cache)}
+    assert cache_goal(rows, ratios(rows)) == {
+        "ours-cache": {"pndm:50": {"vs_uncached": 2.0, "vs_fp32": 5.0, "met": True}}}
+    rows["ours-cache"]["latency"]["pndm:50"]["total_ms"] = 2100  # 1.9x and 4.76x: not met
+    assert not cache_goal(rows, ratios(rows))["ours-cache"]["pndm:50"]["met"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["fp32=/no/such/folder"], "no such folder"),
     (["fp32={tmp}"], "is not a dq-export folder"),
