@@ -100,10 +100,15 @@ class Pipeline:
 
     @classmethod
     def load(cls, export_dir: str | Path, *, batch_size: int = 1, verify: bool = True,
-             device: str = "CPU", ov_config: dict | None = None) -> Pipeline:
-        """Check the manifest (and file hashes unless ``verify=False``) and compile."""
+             device: str = "CPU", ov_config: dict | None = None,
+             image_size: tuple[int, int] | None = None) -> Pipeline:
+        """Check the manifest (and file hashes unless ``verify=False``) and compile, for the
+        export's image size or ``image_size`` (height, width): the graphs take any size the
+        UNet's levels divide, though calibration saw only the export's."""
         root = Path(export_dir)
         manifest = read_manifest(root, verify=verify)
+        if image_size is not None:
+            manifest = {**manifest, "image": _resized(manifest["image"], image_size)}
         return cls(root, manifest, device, {**DEFAULT_OV_CONFIG, **(ov_config or {})},
                    batch_size)
 
@@ -310,6 +315,16 @@ class Pipeline:
         timings["total"] = time.perf_counter() - start
         return GenerationResult(to_pil(pixels), step_seconds, timings, seed, scheduler, steps,
                                 dict(unet.calls))
+
+
+def _resized(image: dict, size: tuple[int, int]) -> dict:
+    """The manifest's image entry at another (height, width): multiples of the VAE's factor
+    times 8, the three halvings of Stable Diffusion's UNet."""
+    step = image["vae_scale_factor"] * 8
+    if any(side < step or side % step for side in size):
+        raise UserError(f"image size {size[0]}x{size[1]}: height and width must be positive "
+                        f"multiples of {step} for this model")
+    return {**image, "height": size[0], "width": size[1]}
 
 
 def _warn_if_int8_saturates(manifest: dict) -> None:

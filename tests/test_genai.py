@@ -5,8 +5,6 @@ Text2ImagePipeline generating from it as our pipeline does."""
 from __future__ import annotations
 
 import json
-import tempfile
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,27 +16,17 @@ from test_cli import assert_one_line_error, run
 from test_pipeline import PROMPT
 
 from deploy import Pipeline
+from deploy.genai import GENAI_SCHEDULERS, genai_pipeline
 from deploy.pipeline import StepTable
 from dq_export.image_metrics import psnr
 from dq_export.qdq import STEP_INDEX
 
 og = pytest.importorskip("openvino_genai")
-GENAI_SCHEDULERS = {"pndm": None, "ddim": "DDIM", "euler": "EULER_DISCRETE"}
 
 
 def genai_image(export, scheduler: str, steps: int, seed: int) -> np.ndarray:
-    """GenAI's image, its scheduler made from the export's config (Euler's with diffusers'
-    default spacing written out: GenAI reads a missing timestep_spacing as leading)."""
-    pipe = og.Text2ImagePipeline(str(export), "CPU")
-    if GENAI_SCHEDULERS[scheduler]:
-        config = json.loads((export / "scheduler" / "scheduler_config.json").read_text())
-        if scheduler == "euler":
-            config.setdefault("timestep_spacing", "linspace")
-        with tempfile.TemporaryDirectory() as folder:
-            path = Path(folder) / "scheduler_config.json"
-            path.write_text(json.dumps(config))
-            kind = getattr(og.Scheduler.Type, GENAI_SCHEDULERS[scheduler])
-            pipe.set_scheduler(og.Scheduler.from_config(str(path), kind))
+    """GenAI's image, its scheduler made from the export's config."""
+    pipe = genai_pipeline(export, scheduler)
     size = Pipeline.load(export, verify=False).image_size[0]
     result = pipe.generate(PROMPT, num_inference_steps=steps, guidance_scale=7.5,
                            generator=og.TorchGenerator(seed), height=size, width=size)

@@ -112,6 +112,18 @@ def test_bad_generation_settings_are_user_errors(tiny_pipeline, kwargs, message)
         tiny_pipeline.generate(kwargs.pop("prompt"), **kwargs)
 
 
+def test_another_image_size_compiles_or_is_a_user_error(tiny_export):
+    """An export runs at other sizes its UNet's levels divide (speed comparisons)."""
+    image = Pipeline.load(tiny_export, verify=False).manifest["image"]
+    step = 8 * image["vae_scale_factor"]
+    size = 2 * image["height"]
+    result = Pipeline.load(tiny_export, verify=False, image_size=(size, size)).generate(
+        PROMPT, steps=2, seed=0)
+    assert result.images[0].size == (size, size)
+    with pytest.raises(UserError, match=f"multiples of {step}"):
+        Pipeline.load(tiny_export, verify=False, image_size=(step + 1, step))
+
+
 def test_missing_manifest_and_tampered_files_are_detected(tiny_export, tmp_path):
     with pytest.raises(UserError, match="no manifest.json"):
         Pipeline.load(tmp_path)
