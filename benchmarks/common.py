@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,21 @@ def git_commit() -> str | None:
     if head.returncode != 0:
         return None
     return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command that reproduces a run, as recorded in its results.json."""
+    return shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None
+                                                          else argv)])
+
+
+def save_results(out: Path, results: dict, chart) -> None:
+    """``out``/results.json and ``chart(results, out/results.png)``, the pair every
+    benchmark leaves."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    chart(results, out / "results.png")
+    print(f"wrote {out / 'results.json'} and results.png")
 
 
 def markdown_table(head: tuple | list, rows: list) -> str:

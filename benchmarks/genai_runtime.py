@@ -17,14 +17,13 @@ Writes results.json and results.png to --out and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from common import bars, child_main, figure, machine, markdown_table, run_child
+from common import (bars, child_main, command_line, figure, machine, markdown_table,
+                    run_child, save_results)
 
 from dq_export.errors import UserError
 
@@ -134,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                             "text-to-image model with dq-export --genai")
         results = {"machine": machine(), "export": args.export, "scheduler": args.scheduler,
                    "prompt": PROMPT, "repeats": args.repeats, "sizes": {},
-                   "command": shlex.join(["python", "benchmarks/genai_runtime.py",
-                                          *(sys.argv[1:] if argv is None else argv)])}
+                   "command": command_line("genai_runtime.py", argv)}
         for size in sizes:
             results["sizes"][str(size)] = {runtime: run_child(__file__, {
                 "runtime": runtime, "export": args.export, "size": size, "scheduler": name,
@@ -144,11 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"genai_runtime: error: {e}", file=sys.stderr)
         return e.exit_code
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    chart(results, args.out / "results.png")
     print(table(results))
-    print(f"wrote {args.out / 'results.json'} and results.png")
+    save_results(args.out, results, chart)
     return 0
 
 

@@ -22,16 +22,14 @@ writes results.json and results.png to --out.
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import (bars, child_main, disk_sizes, figure, machine, parse_exports,
-                    parse_schedulers, run_child)
+from common import (bars, child_main, command_line, disk_sizes, figure, machine,
+                    parse_exports, parse_schedulers, run_child, save_results)
 from readme_table import markdown
 
 from dq_export.errors import UserError
@@ -351,11 +349,8 @@ def run(args: argparse.Namespace, command: str) -> int:
                                     "exports": memory_goal(rows, ratio)},
                          "cache": {"target": CACHE_GOAL, "exports": cache_goal(rows, ratio)}},
                "command": command}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    chart(results, args.out / "results.png")
     print(markdown(results))
-    print(f"wrote {args.out / 'results.json'} and results.png")
+    save_results(args.out, results, chart)
     return 0
 
 
@@ -363,8 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
         return child_main(args.child, args.child_out, measure)
-    command = shlex.join(["python", "benchmarks/image_latency.py",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("image_latency.py", argv)
     try:
         return run(args, command)
     except UserError as e:
