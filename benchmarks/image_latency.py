@@ -35,6 +35,7 @@ from common import (bars, child_main, disk_sizes, figure, machine, parse_exports
 from readme_table import markdown
 
 from dq_export.errors import UserError
+from dq_export.filesystem import make_folder
 
 DEFAULT_SCHEDULERS = "pndm:50,dpm++:20"  # the papers' PLMS 50 steps, and a fast sampler
 DEFAULT_THROUGHPUT = "dpm++:20"
@@ -309,9 +310,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     if not args.exports and not args.quick:
         raise UserError("give exports as LABEL=DIR, e.g. fp32=exports/sd14-fp32 (or --quick)")
     args.out = args.out or (QUICK_OUT if args.quick else Path("benchmarks/results/image-latency"))
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} exists and is not a folder")
     exports = parse_exports(args.exports) if args.exports else {}  # --quick makes its own
+    make_folder(args.out, "--out")  # before the measurements, not after them
     with tempfile.TemporaryDirectory(prefix="dq-bench-quick-") as tmp:
         exports = exports or quick_exports(Path(tmp))
         rows = benchmark(exports, schedulers, repeats, batches, throughput)
@@ -325,7 +325,6 @@ def run(args: argparse.Namespace, command: str) -> int:
                "goals": {"memory": {"target_peak_rss_vs_fp32": MEMORY_GOAL,
                                     "exports": memory_goal(rows, ratio)}},
                "command": command}
-    args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     chart(results, args.out / "results.png")
     print(markdown(results))

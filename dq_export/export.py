@@ -1,8 +1,8 @@
 """The export job: model -> ONNX -> OpenVINO IR -> manifest, written atomically.
 
 Everything is written into a hidden sibling folder that is renamed to ``--out`` only after
-the manifest is written, so an interrupted or failed export never leaves a folder that looks
-valid.
+the manifest is written (``dq_export.staging``), so an interrupted or failed export never
+leaves a folder that looks valid.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -23,13 +22,14 @@ from pathlib import Path
 from calibration.collect import calibrated_timesteps, read_prompts
 from dq_export import __version__
 from dq_export.errors import UserError
+from dq_export.filesystem import make_folder
 from dq_export.layout import Layout
 from dq_export.loading import model_layout
 from dq_export.recipe import Recipe
 from dq_export.registry import model_defaults
+from dq_export.staging import staged
 
 TARGET_CPU_FILE = "target_cpu.json"
-LOW_DISK_BYTES = 512 * 2**20  # below this, a failed write is taken as a full disk
 
 
 class StageLog:
@@ -77,14 +77,6 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} is not empty: pass --force to replace it, or choose "
-                        "another folder")
-
-
 def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
            force: bool = False, prompts: Path | None = None,
            calibration_dir: Path | None = None, genai: bool | None = None) -> dict:
@@ -100,37 +92,10 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
             raise UserError(f"{model} is an unconditional model: it takes no --prompts")
         read_prompts(prompts)  # fail now, not after loading the model
     recipe = with_model_defaults(recipe, model, layout.conditional)
-    out = Path(out)
-    prepare_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        manifest = _export_into(model, layout, partial, recipe, init, prompts, calibration_dir,
-                                genai)
-        _replace(partial, out)
-    except BaseException as error:
-        written = _written_when_disk_filled(partial, error)
-        shutil.rmtree(partial, ignore_errors=True)
-        if written is not None:
-            raise UserError(
-                f"the disk holding {out.parent} filled up after {written / 1e9:.1f} GB of the "
-                "export were written: free space or pass --out on a larger disk (nothing was "
-                "kept)") from error
-        raise
-    return manifest
-
-
-def _written_when_disk_filled(partial: Path, error: BaseException) -> int | None:
-    """Bytes of the half-written export if ``error`` came from a full disk, else None.
-
-    OpenVINO and ONNX report a full disk as a bare I/O error (``basic_ios::clear``), so the
-    disk itself is asked."""
-    if not isinstance(error, (OSError, RuntimeError)) or not partial.exists():
-        return None
-    if shutil.disk_usage(partial).free >= LOW_DISK_BYTES:
-        return None
-    return sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    if calibration_dir is not None and recipe.needs_trajectories:
+        make_folder(calibration_dir, "--calibration-dir")
+    with staged(Path(out), force) as root:
+        return _export_into(model, layout, root, recipe, init, prompts, calibration_dir, genai)
 
 
 def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe:
@@ -367,14 +332,3 @@ def _component_entry(onnx_paths: list[Path], ir_path: Path, root: Path) -> dict:
 
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished export into place; an old ``--force``d folder goes only after that."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    partial.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
