@@ -120,6 +120,16 @@ def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe
                                          if conditional else None))
 
 
+def check_groups(recipe: Recipe, steps: int) -> None:
+    """Each timestep group needs a calibrated step of its own: more groups than steps would
+    silently become one group per step."""
+    if recipe.groups > steps:
+        every = f", --calib-every {recipe.calib_every}" if recipe.calib_every > 1 else ""
+        raise UserError(f"--groups {recipe.groups} is more than the {steps} calibrated steps "
+                        f"({recipe.calib_scheduler} {recipe.calib_steps} steps{every}): use "
+                        f"--groups {steps} or fewer, or calibrate more steps with --calib-steps")
+
+
 def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: str,
                  prompts: Path | None, calibration_dir: Path | None, genai: bool) -> dict:
     from calibration.collect import collect, load_inputs
@@ -145,13 +155,15 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
         from dq_export.mixed_export import check_reachable
 
         check_reachable(components.unet, recipe)
-    if recipe.cache:  # a cache point or schedule the model cannot have fails here too
+    steps = len(calibrated_timesteps(components.scheduler_config, calibration_settings(recipe)))
+    if fits:  # so do more groups than calibrated steps, and a schedule the model cannot have
+        check_groups(recipe, steps)
+    if recipe.cache:
         from dq_export.cache_export import check_schedule
         from dq_export.deep_cache import check_branch
 
         check_branch(components.unet, recipe.cache_branch)
-        check_schedule(recipe, len(calibrated_timesteps(components.scheduler_config,
-                                                        calibration_settings(recipe))))
+        check_schedule(recipe, steps)
     size = recipe.image_size or components.image_size
     vae_factor = components.vae_factor
     if size % vae_factor:
