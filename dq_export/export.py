@@ -35,8 +35,9 @@ TARGET_CPU_FILE = "target_cpu.json"
 class StageLog:
     """Prints ``[i/n] stage`` lines with their wall time, and keeps the times for the manifest."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.done, self.stream = total, 0, stream
+    def __init__(self, total: int, stream=None):
+        # sys.stderr as it is now, not at import: a caller (a test) may have replaced it since
+        self.total, self.done, self.stream = total, 0, stream or sys.stderr
         self.seconds: dict[str, float] = {}
 
     @contextmanager
