@@ -33,6 +33,7 @@ from common import (bars, child_main, command_line, disk_sizes, figure, machine,
 from readme_table import markdown
 
 from dq_export.errors import UserError
+from dq_export.filesystem import make_folder
 
 DEFAULT_SCHEDULERS = "pndm:50,dpm++:20"  # the papers' PLMS 50 steps, and a fast sampler
 DEFAULT_THROUGHPUT = "dpm++:20"
@@ -332,9 +333,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     if not args.exports and not args.quick:
         raise UserError("give exports as LABEL=DIR, e.g. fp32=exports/sd14-fp32 (or --quick)")
     args.out = args.out or (QUICK_OUT if args.quick else Path("benchmarks/results/image-latency"))
-    if args.out.exists() and not args.out.is_dir():
-        raise UserError(f"--out {args.out} exists and is not a folder")
     exports = parse_exports(args.exports) if args.exports else {}  # --quick makes its own
+    make_folder(args.out, "--out")  # before the measurements, not after them
     with tempfile.TemporaryDirectory(prefix="dq-bench-quick-") as tmp:
         exports = exports or quick_exports(Path(tmp))
         rows = benchmark(exports, schedulers, repeats, batches, throughput, first_image)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 import time
@@ -21,7 +22,12 @@ from pathlib import Path
 import numpy as np
 
 from calibration.statistics import StepStatistics, recording, statistic_keys
-from dq_export.errors import UserError
+from dq_export.errors import UserError, first_line
+from dq_export.filesystem import (bytes_under, disk_full_error, is_disk_full, make_folder,
+                                  replacing)
+from dq_export.lock import exclusive
+
+log = logging.getLogger(__name__)
 
 PROMPTS_FILE = Path(__file__).parent / "prompts.txt"
 CACHE_ENV = "DQ_EXPORT_CACHE"
@@ -87,26 +93,64 @@ def default_cache_dir(identity: dict) -> Path:
 
 
 def open_cache(cache_dir: Path, identity: dict) -> None:
-    """Create the cache folder, or check that an existing one was made for the same job."""
+    """Start the cache, or check that an existing one was made for the same job."""
     meta = cache_dir / "meta.json"
     expected = json.loads(json.dumps(identity, default=str))
     if meta.is_file():
-        found = json.loads(meta.read_text())
-        differs = [k for k in expected if found.get(k) != expected[k]]
+        found = read_cached(meta, lambda path: json.loads(path.read_text()))
+        differs = [k for k in expected if not isinstance(found, dict)
+                   or found.get(k) != expected[k]]
         if differs:
             raise UserError(f"calibration cache {cache_dir} was made for a different model or "
                             f"recipe ({', '.join(differs)} differ): delete it or use another "
                             "--calibration-dir")
         return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(expected, indent=2) + "\n")
+    with replacing(meta) as tmp:
+        tmp.write_text(json.dumps(expected, indent=2) + "\n")
+
+
+def read_cached(path: Path, load):
+    """``load(path)`` for a file of the calibration cache; a file that cannot be read
+    (truncated by a full disk, edited by hand) is a one-line UserError that names it."""
+    try:
+        return load(path)
+    except Exception as e:  # safetensors, json and numpy each raise their own kind
+        cache = path.parent.parent if path.parent.name == "inputs" else path.parent
+        raise UserError(f"calibration cache file {path} is truncated or corrupt "
+                        f"({first_line(e, 120)}): delete {cache} to calibrate again") from None
 
 
 def collect(components, settings: CalibrationSettings, prompts: list[str] | None,
             image_size: int, cache_dir: Path | None = None,
             progress: bool = True) -> tuple[StepStatistics, dict]:
     """Run (or resume) collection; return the statistics and a summary for the manifest.
-    ``prompts`` is None for an unconditional model: ``num_prompts`` images are sampled."""
+    ``prompts`` is None for an unconditional model: ``num_prompts`` images are sampled.
+
+    One export at a time fills a cache: a second one waits, then resumes from what the first
+    wrote. A full disk is a one-line error that keeps the batches already checkpointed."""
+    if cache_dir is None:
+        chosen = choose_prompts(prompts, settings) if components.conditional else None
+        cache_dir = default_cache_dir(cache_identity(components, settings, chosen, image_size))
+    cache_dir = make_folder(cache_dir, "--calibration-dir")
+
+    def busy(holder: str) -> None:
+        log.warning("waiting for another dq-export (pid %s) to finish with the calibration "
+                    "cache %s", holder, cache_dir)
+
+    with exclusive(cache_dir / ".lock", busy):
+        try:
+            return _collect(components, settings, prompts, image_size, cache_dir, progress)
+        except Exception as e:
+            if not is_disk_full(e, cache_dir):
+                raise
+            raise disk_full_error(cache_dir, bytes_under(cache_dir), "calibration cache",
+                                  "--calibration-dir", "the batches done are kept: the next "
+                                  "run resumes from them") from e
+
+
+def _collect(components, settings: CalibrationSettings, prompts: list[str] | None,
+             image_size: int, cache_dir: Path, progress: bool) -> tuple[StepStatistics, dict]:
+    """``collect`` into a cache folder that exists and is held."""
     import torch
     from tqdm.auto import tqdm
 
@@ -114,14 +158,12 @@ def collect(components, settings: CalibrationSettings, prompts: list[str] | None
 
     chosen = choose_prompts(prompts, settings) if components.conditional else None
     identity = cache_identity(components, settings, chosen, image_size)
-    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(identity)
     open_cache(cache_dir, identity)
     timesteps = calibrated_timesteps(components.scheduler_config, settings)
     checkpoint = cache_dir / "stats.safetensors"
     stats, done, seconds = StepStatistics(statistic_keys(components.unet), len(timesteps)), 0, 0.0
     if checkpoint.is_file():
-        stats, meta = StepStatistics.load(checkpoint)
-        done, seconds = int(meta["batches_done"]), float(meta["seconds"])
+        stats, done, seconds = read_cached(checkpoint, _load_checkpoint)
         if stats.keys != statistic_keys(components.unet):  # made by an older dq-export
             stats = replay_statistics(components.unet, cache_dir, timesteps, done, progress)
             stats.save(checkpoint, {"batches_done": str(done), "seconds": f"{seconds:.2f}"})
@@ -159,6 +201,11 @@ def collect(components, settings: CalibrationSettings, prompts: list[str] | None
     else:
         summary.update(images=settings.num_prompts, samples_per_step=settings.num_prompts)
     return stats, summary
+
+
+def _load_checkpoint(path: Path) -> tuple[StepStatistics, int, float]:
+    stats, meta = StepStatistics.load(path)
+    return stats, int(meta["batches_done"]), float(meta["seconds"])
 
 
 def replay_statistics(unet, cache_dir: Path, timesteps: list[int], batches: int,
@@ -226,14 +273,13 @@ def _save_inputs(path: Path, recorder: TrajectoryRecorder, embeddings: np.ndarra
     from safetensors.numpy import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
     tensors = {"sample": np.stack(recorder.samples).astype(np.float32),
                "timestep": np.asarray(recorder.timesteps, dtype=np.float32),
                "noise_pred": np.stack(recorder.outputs).astype(np.float32)}
     if embeddings is not None:
         tensors["encoder_hidden_states"] = embeddings.astype(np.float32)
-    save_file(tensors, str(tmp))
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        save_file(tensors, str(tmp))
 
 
 def load_trajectories(cache_dir: Path) -> list[dict[str, np.ndarray]]:
@@ -242,7 +288,7 @@ def load_trajectories(cache_dir: Path) -> list[dict[str, np.ndarray]]:
     was recorded) and, for a text-to-image model, ``encoder_hidden_states`` [rows, ...]."""
     from safetensors.numpy import load_file
 
-    return [load_file(str(path))
+    return [read_cached(path, lambda p: load_file(str(p)))
             for path in sorted((Path(cache_dir) / "inputs").glob("batch-*.safetensors"))]
 
 
@@ -254,7 +300,7 @@ def load_inputs(cache_dir: Path, batches: int | None = None) -> list[dict[str, n
 
     calls = []
     for path in sorted((Path(cache_dir) / "inputs").glob("batch-*.safetensors"))[:batches]:
-        data = load_file(str(path))
+        data = read_cached(path, lambda p: load_file(str(p)))
         text = {k: v for k, v in data.items() if k == "encoder_hidden_states"}
         for sample, t in zip(data["sample"], data["timestep"]):
             calls.append({"sample": sample, "timestep": np.full(len(sample), t, np.float32),

@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from calibration.allocation import FLOAT, LayerCurves
+from calibration.collect import read_cached
 from calibration.fit import QuantParams
 from calibration.layers import activation_keys, quantized_layers
+from dq_export.filesystem import replacing
 
 STEPS_PER_GROUP = 2  # calibrated steps per group whose inputs are measured
 CURVES_VERSION = 1
@@ -166,9 +168,8 @@ def cached_curves(cache_dir: Path, key: str, build) -> dict:
     """Curves from ``cache_dir/curves-KEY.json``, built (and written) when missing."""
     path = Path(cache_dir) / f"curves-{key}.json"
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_cached(path, lambda p: json.loads(p.read_text()))
     data = build()
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data) + "\n")
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        tmp.write_text(json.dumps(data) + "\n")
     return data

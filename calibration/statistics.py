@@ -15,6 +15,7 @@ from calibration.histogram import BINS, Histogram, merge, record
 from calibration.layers import (PROJECTIONS, activation_keys, attention_keys,
                                 attention_modules, quantized_layers, shortcut_splits)
 from dq_export.errors import UserError
+from dq_export.filesystem import replacing
 
 
 class StepStatistics:
@@ -51,9 +52,8 @@ class StepStatistics:
 
         tensors = {"pos": self.pos.astype(np.float32), "neg": self.neg.astype(np.float32),
                    "zeros": self.zeros, "min": self.min, "max": self.max}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={**metadata, "keys": "\n".join(self.keys)})
-        tmp.replace(path)
+        with replacing(path) as tmp:  # a kill or a full disk never leaves half a checkpoint
+            save_file(tensors, str(tmp), metadata={**metadata, "keys": "\n".join(self.keys)})
 
     @classmethod
     def load(cls, path: Path) -> tuple[StepStatistics, dict[str, str]]:

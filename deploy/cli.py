@@ -52,6 +52,26 @@ def output_paths(out: Path, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(count)]
 
 
+def write_outputs(result, out: Path) -> list[Path]:
+    """The PNGs and their JSON summary, each written whole (a reader never finds half a PNG)."""
+    from dq_export.filesystem import replacing
+
+    paths = output_paths(out, len(result.images))
+    summary = {"images": [str(p) for p in paths], "seed": result.seed,
+               "scheduler": result.scheduler, "steps": result.steps,
+               "unet_calls": result.unet_calls,
+               "seconds": {k: round(v, 3) for k, v in result.timings.items()}}
+    try:
+        for image, path in zip(result.images, paths):
+            with replacing(path) as tmp:
+                image.save(tmp, format="PNG")
+        with replacing(out.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    except OSError as e:
+        raise UserError(f"cannot write {out} ({e.strerror}): choose another --out") from None
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dq-generate: %(levelname)s: %(message)s")
@@ -61,8 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from deploy.feature_cache import parse_cache
         from deploy.pipeline import Pipeline
+        from dq_export.filesystem import make_folder
 
-        parse_cache(args.cache)  # a bad value fails before the export is loaded
+        parse_cache(args.cache)  # a bad value or an unwritable --out fails before the export
+        make_folder(args.out.parent, "--out")  # is loaded
 
         batch = len(args.prompt) if args.prompt else args.num_images
         pipeline = Pipeline.load(args.export_dir, batch_size=max(batch, 1),
@@ -71,18 +93,10 @@ def main(argv: list[str] | None = None) -> int:
                                    steps=args.steps, scheduler=args.scheduler,
                                    guidance=args.guidance, seed=args.seed, eta=args.eta,
                                    num_images=args.num_images, cache=args.cache, progress=True)
+        paths = write_outputs(result, args.out)
     except UserError as e:
         print(f"dq-generate: error: {e}", file=sys.stderr)
         return e.exit_code
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    paths = output_paths(args.out, len(result.images))
-    for image, path in zip(result.images, paths):
-        image.save(path)
-    summary = {"images": [str(p) for p in paths], "seed": result.seed,
-               "scheduler": result.scheduler, "steps": result.steps,
-               "unet_calls": result.unet_calls,
-               "seconds": {k: round(v, 3) for k, v in result.timings.items()}}
-    args.out.with_suffix(".json").write_text(json.dumps(summary, indent=2) + "\n")
     cached = result.unet_calls.get("cached", 0)
     reuse = f", {cached} of them on cached features" if cached else ""
     print(f"wrote {', '.join(map(str, paths))} in {result.timings['total']:.2f} s "

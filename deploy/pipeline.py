@@ -25,7 +25,7 @@ from deploy.feature_cache import FEATURE, CachedUNet, UncachedUNet, interval_pla
     parse_cache, schedule_plan
 from deploy.sampler import run_sampler
 from deploy.schedulers import make_scheduler, scheduler_name
-from dq_export.errors import UserError
+from dq_export.errors import UserError, first_line
 from dq_export.manifest import ir_files, read_manifest
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,8 @@ class Pipeline:
         self.root, self.manifest, self.device = root, manifest, device
         self.ov_config = ov_config
         self.conditional = "text_encoder" in manifest["components"]
-        self.tokenizer = None
-        if self.conditional:
-            from transformers import CLIPTokenizer
-
-            self.tokenizer = CLIPTokenizer.from_pretrained(root / manifest["tokenizer"])
+        self.tokenizer = _load_tokenizer(root / manifest["tokenizer"]) if self.conditional \
+            else None
         # generate()'s defaults: the sampling the export's model is meant for (exports made
         # before the manifest recorded it are Stable Diffusion's: PNDM, 50 steps)
         self.defaults = {**DEFAULT_SAMPLING, **manifest.get("sampling", {})}
@@ -140,11 +137,16 @@ class Pipeline:
         core = ov.Core()
         self._compiled = {}  # a new dict: siblings keep the models they were made with
         for name, shape in shapes.items():
-            model = core.read_model(*ir_files(self.root, self.manifest["components"][name]))
+            files = ir_files(self.root, self.manifest["components"][name])
             if name == "unet_shallow":  # the feature's shape, as the full UNet returns it
                 shape[FEATURE] = list(self._compiled["unet"].output(FEATURE).get_shape())
-            model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
-            self._compiled[name] = core.compile_model(model, self.device, self.ov_config)
+            try:  # a graph edited by hand (or not verified) fails here, not mid-image
+                model = core.read_model(*files)
+                model.reshape({k: ov.PartialShape(v) for k, v in shape.items()})
+                self._compiled[name] = core.compile_model(model, self.device, self.ov_config)
+            except RuntimeError as e:
+                raise UserError(f"{files[0]} could not be loaded by OpenVINO "
+                                f"({first_line(e)}): re-export or restore it") from None
         self._requests = self._new_requests()
         self.batch_size = batch_size
         self.latent_shape = (batch_size, *latent)  # x_T of one batch of images
@@ -325,6 +327,18 @@ def _resized(image: dict, size: tuple[int, int]) -> dict:
         raise UserError(f"image size {size[0]}x{size[1]}: height and width must be positive "
                         f"multiples of {step} for this model")
     return {**image, "height": size[0], "width": size[1]}
+
+
+def _load_tokenizer(folder: Path):
+    from transformers import CLIPTokenizer
+
+    if not folder.is_dir():
+        raise UserError(f"{folder} is missing from the export: re-export or restore it")
+    try:
+        return CLIPTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{folder} holds no readable tokenizer ({first_line(e)}): re-export "
+                        "or restore it") from None
 
 
 def _warn_if_int8_saturates(manifest: dict) -> None:

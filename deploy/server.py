@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from deploy.health import ExportWatch
 from deploy.metrics import STEP_BUCKETS, Registry
 from deploy.pipeline import Pipeline
 from deploy.schema import ApiError, GenerateRequest, ImagesRequest, parse
@@ -105,6 +106,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
     settings = settings or ServerSettings()
     queue = GenerationQueue(settings.max_queue, settings.timeout)
     metrics = _Metrics(queue)
+    watch = ExportWatch(pipeline.root, pipeline.manifest.get("files", {}))
     height, width = pipeline.image_size
 
     @contextlib.asynccontextmanager
@@ -184,6 +186,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
         """[(PNG bytes, UNet calls {"full", "cached"})] and the seeds."""
         first = secrets.randbelow(2**31) if req.seed is None else req.seed
         seeds = [first + i for i in range(count)]
+        _check_export(watch)
         try:
             images = await queue.run(job(req, seeds))
         except QueueFull as e:
@@ -198,6 +201,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
             log.exception("generation failed")
             raise ApiError(500, f"generation failed: {type(e).__name__}: {e}",
                            "server_error") from None
+        _check_export(watch)  # the files may have changed while the images were made
         metrics.images.inc(len(images))
         return images, seeds
 
@@ -219,9 +223,14 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
 
     @app.get("/healthz")
     async def healthz():
-        return {"status": "ok", "model": pipeline.manifest["model"].get("name"),
+        problem = watch.problem()
+        body = {"status": "ok" if problem is None else "unavailable",
+                "model": pipeline.manifest["model"].get("name"),
                 "bits": pipeline.manifest["recipe"].get("bits"), "size": f"{width}x{height}",
                 "queue_depth": queue.depth, "queue_capacity": queue.capacity}
+        if problem is not None:
+            return JSONResponse({**body, "problem": problem}, status_code=503)
+        return body
 
     @app.get("/metrics")
     async def metrics_text(request: Request):
@@ -229,6 +238,14 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
         return Response(metrics.registry.render(), media_type=Registry.content_type)
 
     return app
+
+
+def _check_export(watch: ExportWatch) -> None:
+    """503 while the export on disk is not the one loaded: never an answer from a broken
+    model (see deploy.health)."""
+    problem = watch.problem()
+    if problem is not None:
+        raise ApiError(503, f"{problem}: restart the server on a good export", "unavailable")
 
 
 def _too_large(limit: int) -> ApiError:

@@ -1,6 +1,9 @@
-"""The one exception type that the command lines turn into a one-line message."""
+"""The one exception type that the command lines turn into a one-line message, and how
+another error is quoted inside it."""
 
 from __future__ import annotations
+
+import re
 
 
 class UserError(Exception):
@@ -11,3 +14,14 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+SOURCE_LOCATION = re.compile(r"\.(cpp|hpp|h):\d+:?$")  # OpenVINO's "Exception from x.cpp:84:"
+
+
+def first_line(error: BaseException, limit: int = 160) -> str:
+    """An exception's message cut to one short line, to quote inside a UserError: the first
+    line that says what went wrong, not where in C++ it was noticed."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    said = [line for line in lines if line and not SOURCE_LOCATION.search(line)]
+    return (said or [type(error).__name__])[0][:limit]

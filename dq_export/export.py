@@ -1,8 +1,8 @@
 """The export job: model -> ONNX -> OpenVINO IR -> manifest, written atomically.
 
 Everything is written into a hidden sibling folder that is renamed to ``--out`` only after
-the manifest is written, so an interrupted or failed export never leaves a folder that looks
-valid.
+the manifest is written (``dq_export.staging``), so an interrupted or failed export never
+leaves a folder that looks valid.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -23,20 +22,22 @@ from pathlib import Path
 from calibration.collect import calibrated_timesteps, read_prompts
 from dq_export import __version__
 from dq_export.errors import UserError
+from dq_export.filesystem import make_folder
 from dq_export.layout import Layout
 from dq_export.loading import model_layout
 from dq_export.recipe import Recipe
 from dq_export.registry import model_defaults
+from dq_export.staging import staged
 
 TARGET_CPU_FILE = "target_cpu.json"
-LOW_DISK_BYTES = 512 * 2**20  # below this, a failed write is taken as a full disk
 
 
 class StageLog:
     """Prints ``[i/n] stage`` lines with their wall time, and keeps the times for the manifest."""
 
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.done, self.stream = total, 0, stream
+    def __init__(self, total: int, stream=None):
+        # sys.stderr as it is now, not at import: a caller (a test) may have replaced it since
+        self.total, self.done, self.stream = total, 0, stream or sys.stderr
         self.seconds: dict[str, float] = {}
 
     @contextmanager
@@ -77,14 +78,6 @@ def versions() -> dict[str, str]:
             "transformers": transformers.__version__}
 
 
-def prepare_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a folder: choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"--out {out} is not empty: pass --force to replace it, or choose "
-                        "another folder")
-
-
 def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
            force: bool = False, prompts: Path | None = None,
            calibration_dir: Path | None = None, genai: bool | None = None) -> dict:
@@ -100,37 +93,10 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
             raise UserError(f"{model} is an unconditional model: it takes no --prompts")
         read_prompts(prompts)  # fail now, not after loading the model
     recipe = with_model_defaults(recipe, model, layout.conditional)
-    out = Path(out)
-    prepare_out(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        manifest = _export_into(model, layout, partial, recipe, init, prompts, calibration_dir,
-                                genai)
-        _replace(partial, out)
-    except BaseException as error:
-        written = _written_when_disk_filled(partial, error)
-        shutil.rmtree(partial, ignore_errors=True)
-        if written is not None:
-            raise UserError(
-                f"the disk holding {out.parent} filled up after {written / 1e9:.1f} GB of the "
-                "export were written: free space or pass --out on a larger disk (nothing was "
-                "kept)") from error
-        raise
-    return manifest
-
-
-def _written_when_disk_filled(partial: Path, error: BaseException) -> int | None:
-    """Bytes of the half-written export if ``error`` came from a full disk, else None.
-
-    OpenVINO and ONNX report a full disk as a bare I/O error (``basic_ios::clear``), so the
-    disk itself is asked."""
-    if not isinstance(error, (OSError, RuntimeError)) or not partial.exists():
-        return None
-    if shutil.disk_usage(partial).free >= LOW_DISK_BYTES:
-        return None
-    return sum(f.stat().st_size for f in partial.rglob("*") if f.is_file())
+    if calibration_dir is not None and recipe.needs_trajectories:
+        make_folder(calibration_dir, "--calibration-dir")
+    with staged(Path(out), force) as root:
+        return _export_into(model, layout, root, recipe, init, prompts, calibration_dir, genai)
 
 
 def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe:
@@ -153,6 +119,16 @@ def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe
                    calib_eta=spec.eta if recipe.calib_eta is None else recipe.calib_eta,
                    text_encoder_weights=(("int8" if recipe.text_encoder_int8 else "fp32")
                                          if conditional else None))
+
+
+def check_groups(recipe: Recipe, steps: int) -> None:
+    """Each timestep group needs a calibrated step of its own: more groups than steps would
+    silently become one group per step."""
+    if recipe.groups > steps:
+        every = f", --calib-every {recipe.calib_every}" if recipe.calib_every > 1 else ""
+        raise UserError(f"--groups {recipe.groups} is more than the {steps} calibrated steps "
+                        f"({recipe.calib_scheduler} {recipe.calib_steps} steps{every}): use "
+                        f"--groups {steps} or fewer, or calibrate more steps with --calib-steps")
 
 
 def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: str,
@@ -180,13 +156,15 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
         from dq_export.mixed_export import check_reachable
 
         check_reachable(components.unet, recipe)
-    if recipe.cache:  # a cache point or schedule the model cannot have fails here too
+    steps = len(calibrated_timesteps(components.scheduler_config, calibration_settings(recipe)))
+    if fits:  # so do more groups than calibrated steps, and a schedule the model cannot have
+        check_groups(recipe, steps)
+    if recipe.cache:
         from dq_export.cache_export import check_schedule
         from dq_export.deep_cache import check_branch
 
         check_branch(components.unet, recipe.cache_branch)
-        check_schedule(recipe, len(calibrated_timesteps(components.scheduler_config,
-                                                        calibration_settings(recipe))))
+        check_schedule(recipe, steps)
     size = recipe.image_size or components.image_size
     vae_factor = components.vae_factor
     if size % vae_factor:
@@ -367,14 +345,3 @@ def _component_entry(onnx_paths: list[Path], ir_path: Path, root: Path) -> dict:
 
 def _rel(path: Path, root: Path) -> str:
     return path.relative_to(root).as_posix()
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished export into place; an old ``--force``d folder goes only after that."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    partial.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -15,6 +15,7 @@ from dq_export.errors import UserError
 MANIFEST = "manifest.json"
 SCHEMA = "dq-export/manifest"
 SCHEMA_VERSION = 2  # 2: one OpenVINO UNet for all timestep groups
+REQUIRED = ("model", "recipe", "image", "scheduler", "components", "files")  # what loading reads
 CHUNK = 16 * 1024 * 1024
 
 
@@ -26,12 +27,16 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def export_files(root: Path) -> list[Path]:
+    """Every file under ``root`` except the manifest: what the manifest lists."""
+    return [path for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST]
+
+
 def file_entries(root: Path) -> dict[str, dict]:
-    """{relative path: {bytes, sha256}} for every file under ``root`` except the manifest."""
-    return {
-        path.relative_to(root).as_posix(): {"bytes": path.stat().st_size, "sha256": sha256(path)}
-        for path in sorted(root.rglob("*")) if path.is_file() and path.name != MANIFEST
-    }
+    """{relative path: {bytes, sha256}} for every file of the export."""
+    return {path.relative_to(root).as_posix(): {"bytes": path.stat().st_size,
+                                                "sha256": sha256(path)}
+            for path in export_files(root)}
 
 
 def write_manifest(root: Path, body: dict) -> dict:
@@ -60,6 +65,9 @@ def read_manifest(root: Path, verify: bool = True) -> dict:
     if version < SCHEMA_VERSION:
         raise UserError(f"{path} has schema version {version}, older than this dq-export "
                         f"reads ({SCHEMA_VERSION}): re-export with this version")
+    missing = [key for key in REQUIRED if key not in manifest]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)} (edited by hand?): re-export")
     if verify:
         verify_files(Path(root), manifest["files"])
     return manifest
@@ -73,6 +81,9 @@ def ir_files(root: Path, entry: dict) -> tuple[Path, Path]:
 
 
 def verify_files(root: Path, files: dict[str, dict]) -> None:
+    """Every listed file is there with its hash, and no file is there unlisted: loaders read
+    whole folders (a tokenizer reads any added_tokens.json), so an added file changes what
+    is loaded as surely as an edited one."""
     for rel, entry in files.items():
         path = root / rel
         if not path.is_file():
@@ -80,3 +91,7 @@ def verify_files(root: Path, files: dict[str, dict]) -> None:
         if path.stat().st_size != entry["bytes"] or sha256(path) != entry["sha256"]:
             raise UserError(f"{path} does not match its manifest hash (modified or corrupt): "
                             "re-export or restore it")
+    for path in export_files(root):
+        if path.relative_to(root).as_posix() not in files:
+            raise UserError(f"{path} is not in the export's manifest (added after the "
+                            "export): remove it, or re-export")

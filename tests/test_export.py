@@ -74,7 +74,6 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatc
     import shutil
     from collections import namedtuple
 
-    import dq_export.export as export_module
     import dq_export.openvino_convert as conv
 
     def disk_full(*args, **kwargs):
@@ -82,11 +81,11 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatc
 
     usage, real_disk_usage = namedtuple("usage", "total used free"), shutil.disk_usage
     monkeypatch.setattr(conv, "convert_to_ir", disk_full)
-    monkeypatch.setattr(export_module.shutil, "disk_usage", lambda path: usage(1, 1, 0))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1, 1, 0))
     with pytest.raises(UserError, match=r"filled up after \d+\.\d GB .* larger disk"):
         export("tiny-sd", tmp_path / "out", Recipe(), init="random")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(export_module.shutil, "disk_usage", real_disk_usage)
+    monkeypatch.setattr(shutil, "disk_usage", real_disk_usage)
     with pytest.raises(RuntimeError, match="iostream"):  # with room left it is not the disk
         export("tiny-sd", tmp_path / "out", Recipe(), init="random")
 

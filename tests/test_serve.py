@@ -361,6 +361,7 @@ class StubPipeline:
     image_size = (64, 64)
     conditional = True  # a text-to-image export: the only kind dq-serve serves
     manifest = {"model": {"name": "stub"}, "recipe": {"bits": "fp32"}}
+    root = None  # no files on disk to watch
     cache = None  # no feature-cache graphs
 
     def __init__(self, *failures: Exception):
