@@ -41,23 +41,65 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip checking file hashes against the manifest (faster start)")
     p.add_argument("--log-level", default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
+    r = p.add_argument_group("Ray Serve (replicas of the export on one machine or a cluster)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: replicas, each loading the export, behind "
+                        "Serve's HTTP proxy on --host/--port (needs pip install -e '.[ray]')")
+    r.add_argument("--ray-address", default=None,
+                   help="the Ray cluster to join, e.g. ray://HEAD:10001 (default: the one "
+                        "`ray start` runs on this machine or $RAY_ADDRESS, else a new local "
+                        "one)")
+    r.add_argument("--replicas", type=replica_bounds, default=None,
+                   help="N replicas, or MIN:MAX to autoscale on ongoing requests (default 1)")
+    r.add_argument("--replica-cpus", type=float, default=None,
+                   help="CPUs Ray reserves for each replica (default 1)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def replica_bounds(text: str) -> tuple[int, int]:
+    """``N`` -> (N, N); ``MIN:MAX`` -> the autoscaling bounds."""
+    low, _, high = text.partition(":")
+    try:
+        bounds = int(low), int(high or low)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be N or MIN:MAX, got {text!r}") from None
+    if not 0 <= bounds[0] <= bounds[1] or bounds[1] < 1:
+        raise argparse.ArgumentTypeError(f"needs 0 <= MIN <= MAX and MAX >= 1, got {text!r}")
+    return bounds
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The arguments, checked: a bad one exits with argparse's one-line error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.port <= 65535:
         parser.error(f"--port must be in [0, 65535], got {args.port}")
-    for name in ("max_queue", "timeout", "max_n", "max_body_bytes"):
-        if getattr(args, name) <= 0:
+    for name in ("max_queue", "timeout", "max_n", "max_body_bytes", "replica_cpus"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.workers is not None and not 1 <= args.workers <= args.max_queue:
         parser.error(f"--workers must be in [1, --max-queue={args.max_queue}], got {args.workers}")
+    ray_only = [f"--{name.replace('_', '-')}"
+                for name in ("ray_address", "replicas", "replica_cpus")
+                if getattr(args, name) is not None]
+    if ray_only and not args.ray:
+        parser.error(f"{' and '.join(ray_only)} need --ray")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="dq-serve: %(levelname)s: %(message)s")
     from dq_export.errors import UserError
 
     try:
+        if args.ray:
+            from dq_export.ray_cluster import require_ray
+
+            require_ray()
+            from deploy.ray_serve import serve_on_ray
+
+            return serve_on_ray(args)
         pipeline, workers = load_pipeline(args.export_dir, args.workers, args.max_queue,
                                           verify=not args.no_verify)
     except UserError as e:
@@ -94,9 +136,7 @@ def serve(pipeline, args, workers: int) -> int:
     from deploy.server import create_app
 
     settings = settings_from_args(args, workers)
-    if settings.api_key is None and not _is_loopback(args.host):
-        logging.warning("binding %s without --api-key: anyone who can reach it may generate",
-                        args.host)
+    warn_if_open(args)
     height, width = pipeline.image_size
     logging.info("serving %s (%dx%d) on http://%s:%d with %d worker(s)", args.export_dir, width,
                  height, args.host, args.port, workers)
@@ -104,6 +144,12 @@ def serve(pipeline, args, workers: int) -> int:
     uvicorn.run(create_app(pipeline, settings), host=args.host, port=args.port,
                 log_level=args.log_level)
     return 0
+
+
+def warn_if_open(args) -> None:
+    if not args.api_key and not _is_loopback(args.host):
+        logging.warning("binding %s without --api-key: anyone who can reach it may generate",
+                        args.host)
 
 
 def _is_loopback(host: str) -> bool:

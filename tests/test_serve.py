@@ -370,6 +370,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (lambda tmp: [str(tmp)], "is not a dq-export folder"),
     (lambda tmp: [str(tmp), "--port", "70000"], "--port must be in [0, 65535]"),
     (lambda tmp: [str(tmp), "--max-queue", "0"], "--max-queue must be positive"),
+    (lambda tmp: [str(tmp), "--workers", "9"], "--workers must be in [1, --max-queue=8]"),
+    (lambda tmp: [str(tmp), "--replicas", "2"], "--replicas need --ray"),
+    (lambda tmp: [str(tmp), "--ray", "--replicas", "3:1"], "needs 0 <= MIN <= MAX"),
 ])
 def test_bad_command_line_is_one_line_exit_2(tmp_path, make_args, expected):
     proc = run_cli(*make_args(tmp_path))
