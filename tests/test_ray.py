@@ -1,5 +1,5 @@
 """Ray, on one local cluster shared by the module (2 CPUs): dq-serve --ray with two replicas,
-and a replica killed under load.
+a replica killed under load, and calibration on two Ray workers against the sequential run.
 
 Loopback only. Each test has a timeout: a hang fails instead of stalling CI.
 """
@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 
 try:
@@ -134,8 +135,34 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(ray_server):
     assert not replicas()  # the application was deleted
 
 
+@needs_ray
+def test_calibration_on_two_ray_workers_is_bit_identical_to_the_sequential_run(cluster,
+                                                                             tmp_path):
+    """Two batches on the module's 2-CPU cluster (its replicas are gone by now): the merged
+    statistics and the cached UNet inputs equal the sequential run's, bit for bit."""
+    from calibration.collect import CalibrationSettings, collect, load_trajectories
+    from dq_export.loading import load_components
+
+    tiny = load_components("tiny-sd", "random", seed=0)
+    settings = CalibrationSettings(scheduler="ddim", steps=2, num_prompts=2, batch_size=1)
+    prompts = ["a handwritten digit 1", "a red 4"]
+    here, _ = collect(tiny, settings, prompts, 64, tmp_path / "here", progress=False)
+    on_ray, _ = collect(tiny, settings, prompts, 64, tmp_path / "ray", progress=False,
+                        ray="auto")
+    assert on_ray.keys == here.keys and here.steps_seen().all()
+    for name in ("pos", "neg", "zeros", "min", "max"):
+        np.testing.assert_array_equal(getattr(on_ray, name), getattr(here, name), err_msg=name)
+    batches = [load_trajectories(tmp_path / d) for d in ("here", "ray")]
+    assert len(batches[0]) == len(batches[1]) == 2
+    for mine, theirs in zip(*batches):
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
+
+
 @pytest.mark.parametrize("module, args", [
     ("deploy.server_cli", ["EXPORT", "--ray"]),
+    ("dq_export.cli", ["--bits", "w8a8", "--ray", "auto"]),
 ])
 def test_a_ray_flag_without_ray_is_one_line_exit_2(module, args):
     code = (f"import sys; sys.modules['ray'] = None; from {module} import main; "
