@@ -1,5 +1,6 @@
 """Ray, on one local cluster shared by the module (2 CPUs): dq-serve --ray with two replicas,
-a replica killed under load, and calibration on two Ray workers against the sequential run.
+a replica killed under load; calibration and quality.py's samples on two Ray workers against
+one process.
 
 Loopback only. Each test has a timeout: a hang fails instead of stalling CI.
 """
@@ -158,6 +159,21 @@ def test_calibration_on_two_ray_workers_is_bit_identical_to_the_sequential_run(c
         assert mine.keys() == theirs.keys()
         for key in mine:
             np.testing.assert_array_equal(mine[key], theirs[key], err_msg=key)
+
+
+@needs_ray
+def test_digits_sharded_over_ray_are_the_images_of_one_process(cluster, tiny_export):
+    """benchmarks/quality.py --ray: seeds split over two tasks give the same pixels."""
+    from deploy import Pipeline
+    from dq_export.reference.evaluate import generate_digits, generate_digits_on_ray
+
+    pipe = Pipeline.load(tiny_export, batch_size=10, verify=False)
+    here, labels = generate_digits(pipe, range(3), steps=2, scheduler="ddim")
+    there, ray_labels = generate_digits_on_ray(tiny_export, range(3), steps=2, scheduler="ddim",
+                                               ov_config=pipe.ov_config)
+    assert len(there) == len(here) == 30 and np.array_equal(labels, ray_labels)
+    for mine, theirs in zip(here, there):
+        np.testing.assert_array_equal(np.asarray(mine), np.asarray(theirs))
 
 
 @pytest.mark.parametrize("module, args", [
