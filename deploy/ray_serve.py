@@ -64,7 +64,7 @@ def application(args):
     low, high = args.replicas or (1, 1)
     settings = settings_from_args(args, workers=1)  # each replica sets its own count
     options = {"max_ongoing_requests": args.max_queue + CONTROL_SLOTS,
-               # beyond what every replica can hold, Serve answers 503 instead of queueing
+               # held in the proxy while every replica is at its limit; more get 503
                "max_queued_requests": args.max_queue * high,
                "graceful_shutdown_timeout_s": args.timeout,  # admitted requests finish
                "ray_actor_options": {"num_cpus": args.replica_cpus or 1.0}}
