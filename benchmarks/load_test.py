@@ -5,9 +5,10 @@
 
 Each level sends a fixed number of requests (``--requests``, one image each) from that many
 client threads, and stops issuing new ones after ``--max-seconds``: the run always ends.
-With ``--export`` it starts one server per ``--workers`` setting in turn (``auto``: the
-server's default), so a run compares them on the same machine. Prints a table and writes
-results.json and load.png (images/min, p50 and p99 against clients) to ``--out``.
+With ``--export`` it starts one server per ``--workers`` setting (``auto``: the server's
+default) and measures them in turn at each level, so that a change in the machine's load
+during the run hits every setting alike. Prints a table and writes results.json and load.png
+(images/min, p50 and p99 against clients) to ``--out``.
 """
 
 from __future__ import annotations
@@ -132,15 +133,13 @@ def start_server(export_dir: Path, max_queue: int,
     sys.exit("load_test: error: dq-serve did not become healthy in 300 s")
 
 
-def measure(base: str, args, levels: list[int]) -> dict:
-    """Every level against the server at ``base``: its health, worker count and levels."""
+def prepare(base: str, requested: str, args) -> dict:
+    """The server at ``base``, warmed up: its health and worker count, levels to come."""
     with urllib.request.urlopen(f"{base}/healthz", timeout=30) as response:
         health = json.load(response)
-    url = f"{base}/generate"
-    post(url, body(args), args.api_key, args.timeout)  # warm-up, not counted
-    results = [run_level(url, body(args), c, args.requests, args.max_seconds, args.api_key,
-                         args.timeout, base) for c in levels]
-    return {"server": health, "workers": server_workers(base, args.api_key), "levels": results}
+    post(f"{base}/generate", body(args), args.api_key, args.timeout)  # warm-up, not counted
+    return {"requested": requested, "server": health,
+            "workers": server_workers(base, args.api_key), "levels": []}
 
 
 def body(args) -> dict:
@@ -171,8 +170,8 @@ def table(run: dict) -> str:
     for config in run["configs"]:
         for r in config["levels"]:
             other = {k: v for k, v in r["statuses"].items() if k != "200"} or "-"
-            rows.append((workers_label(config), r["concurrency"], f"{r['ok']} / {r['sent']}", other,
-                         f"{r['images_per_min']:.0f}", ms(r["p50_s"]), ms(r["p90_s"]),
+            rows.append((workers_label(config), r["concurrency"], f"{r['ok']} / {r['sent']}",
+                         other, f"{r['images_per_min']:.0f}", ms(r["p50_s"]), ms(r["p90_s"]),
                          ms(r["p99_s"]), f"{r['server_step_mean_s'] * 1000:.1f}"
                          if r["server_step_mean_s"] else "-"))
     head = ("--workers", "clients", "ok / sent", "other statuses", "images/min", "p50 ms",
@@ -225,19 +224,25 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.concurrency.split(",")]
     settings = args.workers.split(",") if args.export else ["(running)"]
 
-    configs = []
-    for requested in settings:
-        proc = None
-        if args.export:
-            proc, base = start_server(args.export, max(levels), requested)
-        else:
-            base = args.url.rstrip("/")
-        try:
-            configs.append({"requested": requested, **measure(base, args, levels)})
-        finally:
-            if proc is not None:
-                proc.terminate()
-                proc.wait(timeout=60)
+    procs, bases = [], []
+    try:
+        for requested in settings:
+            if args.export:
+                proc, base = start_server(args.export, max(levels), requested)
+                procs.append(proc)
+            else:
+                base = args.url.rstrip("/")
+            bases.append(base)
+        configs = [prepare(base, requested, args) for base, requested in zip(bases, settings)]
+        for concurrency in levels:
+            for config, base in zip(configs, bases):  # the idle server waits its turn
+                config["levels"].append(run_level(f"{base}/generate", body(args), concurrency,
+                                                  args.requests, args.max_seconds,
+                                                  args.api_key, args.timeout, base))
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=60)
 
     health = configs[0]["server"]
     run = {"model": health["model"], "bits": health["bits"], "size": health["size"],
