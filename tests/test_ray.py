@@ -189,3 +189,20 @@ def test_a_ray_flag_without_ray_is_one_line_exit_2(module, args):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--ray needs Ray, which is not installed: pip install -e " \
         "'.[ray]'" in lines[0], proc.stderr
+
+
+@needs_ray
+def test_ray_serve_on_a_bad_folder_fails_before_reaching_ray(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "deploy.server_cli", str(tmp_path), "--ray",
+                           "--ray-address", "127.0.0.1:1"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("error:") == 1 and "is not a dq-export folder" in proc.stderr
+
+
+@needs_ray
+def test_dq_export_ray_on_a_recipe_without_calibration_is_a_user_error(capsys):
+    from dq_export.cli import main
+
+    assert main(["--bits", "fp32", "--ray", "auto"]) == 2
+    assert "--ray runs the calibration batches, and this recipe (fp32" in capsys.readouterr().err
