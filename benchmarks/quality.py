@@ -55,16 +55,22 @@ def load_exports(items: list[str]) -> dict:
     return {fp32[0]: pipes.pop(fp32[0]), **pipes}
 
 
-def samples(pipe, label: str, scheduler: str, steps: int, seeds: int, cache: Path) -> np.ndarray:
+def samples(pipe, label: str, scheduler: str, steps: int, seeds: int, cache: Path,
+            ray: str | None = None) -> np.ndarray:
     """[seeds * 10, H, W, 3] uint8 digits (seed-major, digits 0-9), cached on disk by
-    export manifest, scheduler, steps and seed count."""
-    from dq_export.reference.evaluate import generate_digits
+    export manifest, scheduler, steps and seed count. ``ray``: a cluster address to draw
+    them on, the seeds sharded over its CPUs (the same images)."""
+    from dq_export.reference.evaluate import generate_digits, generate_digits_on_ray
 
     key = hashlib.sha256((pipe.root / "manifest.json").read_bytes()).hexdigest()[:12]
     path = cache / f"{label}-{scheduler}-{steps}-s{seeds}-{key}.npy"
     if path.is_file():
         return np.load(path)
-    images, _ = generate_digits(pipe, range(seeds), steps, scheduler)
+    if ray is None:
+        images, _ = generate_digits(pipe, range(seeds), steps, scheduler)
+    else:
+        images, _ = generate_digits_on_ray(pipe.root, range(seeds), steps, scheduler,
+                                           address=ray, ov_config=pipe.ov_config)
     array = np.stack([np.asarray(im) for im in images])
     cache.mkdir(parents=True, exist_ok=True)
     np.save(path, array)
@@ -261,7 +267,8 @@ def run(pipes: dict, scheduler: str, steps: int, args) -> tuple[dict, dict]:
     images = {}
     for label, pipe in pipes.items():
         print(f"{scheduler} {steps}: sampling {label}", file=sys.stderr, flush=True)
-        images[label] = samples(pipe, label, scheduler, steps, args.seeds, args.out / "samples")
+        images[label] = samples(pipe, label, scheduler, steps, args.seeds, args.out / "samples",
+                                args.ray)
     fp32_label = next(iter(pipes))
     judgements = {label: judged(array, rows, real) for label, array in images.items()}
     exports = {label: scores(images[label], images[fp32_label], judgements[label],
@@ -284,10 +291,18 @@ def main(argv: list[str] | None = None) -> int:
                    help="A:B,...: PSNR of export A minus export B's, image by image, with a 95%% "
                         "interval (is A closer to FP32 than B beyond noise?)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/quality"))
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="draw the samples on a Ray cluster, the seeds sharded over its CPUs "
+                        "(the same images as here); auto: the cluster `ray start` runs on this "
+                        "machine, else a new local one")
     args = p.parse_args(argv)
     try:
         if args.seeds < 2 or args.fidelity_seeds < 0:
             raise UserError("--seeds must be at least 2 and --fidelity-seeds at least 0")
+        if args.ray is not None:
+            from dq_export.ray_cluster import require_ray
+
+            require_ray()
         schedulers = parse_schedulers(args.schedulers)
         pipes = load_exports(args.exports)
         args.pairs = parse_pairs(args.pairs, list(pipes)[1:])

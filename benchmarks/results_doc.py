@@ -46,7 +46,8 @@ def kind(results: dict) -> str | None:
               ("model_zoo", "step_ms_median" in first), ("mixed_form", "form" in first),
               ("noise_fidelity", "per_step_mean" in results), ("quality", "runs" in results),
               ("additivity", "ratio_joint_to_sum" in results),
-              ("cache_curve", "calibrated_steps" in results), ("load_test", "levels" in results))
+              ("cache_curve", "calibrated_steps" in results),
+              ("load_test", "levels" in results or "configs" in results))
     return next((name for name, hit in checks if hit), None)
 
 
@@ -142,6 +143,14 @@ def cache_curve(results: dict) -> str:
 
 
 def load_test(results: dict) -> str:
+    if "configs" in results:  # one server per --workers setting
+        from load_test import table
+
+        body = results["body"]
+        return (f"dq-serve {results['model']} {results['bits']} {results['size']}, POST "
+                f"{results['endpoint']}, {body['steps']} {body['scheduler']} steps, "
+                f"{results['requests_per_level']} requests per level, one image each:\n\n"
+                + table(results))
     server = results["server"]
     head = ("clients", "ok / sent", "req/s", "p50 ms", "p90 ms", "p99 ms", "server step ms")
 

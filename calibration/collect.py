@@ -5,7 +5,9 @@ step the UNet inputs (x_t, t, [uncond; cond] text embeddings) are saved, and hoo
 quantized layer's input to per-step histograms in the same forward pass. An unconditional
 model samples batches of images instead, from x_T alone: the inputs are (x_t, t). Both are cached:
 after each batch the running statistics are checkpointed with the number of batches done,
-so an interrupted collection resumes where it stopped.
+so an interrupted collection resumes where it stopped. Batches are independent (each has its
+own seed) and their statistics add, so they may also run as Ray tasks
+(``calibration.ray_batches``) with the same result.
 """
 
 from __future__ import annotations
@@ -120,11 +122,24 @@ def read_cached(path: Path, load):
                         f"({first_line(e, 120)}): delete {cache} to calibrate again") from None
 
 
+@dataclass(frozen=True)
+class BatchJob:
+    """What every batch of one collection shares; batch ``b`` uses seed ``settings.seed + b``."""
+
+    settings: CalibrationSettings
+    prompts: list[str] | None  # the chosen prompts; None for an unconditional model
+    timesteps: list[int]  # the calibrated ones, in sampling order
+    sizes: list[int]  # prompts (or images) per batch
+    latent: int  # the latent's side in pixels
+
+
 def collect(components, settings: CalibrationSettings, prompts: list[str] | None,
-            image_size: int, cache_dir: Path | None = None,
-            progress: bool = True) -> tuple[StepStatistics, dict]:
+            image_size: int, cache_dir: Path | None = None, progress: bool = True,
+            ray: str | None = None) -> tuple[StepStatistics, dict]:
     """Run (or resume) collection; return the statistics and a summary for the manifest.
     ``prompts`` is None for an unconditional model: ``num_prompts`` images are sampled.
+    ``ray``: a Ray cluster address ("auto": see ``dq_export.ray_cluster.connect``) to run
+    the batches on, as tasks; None runs them here, one after another.
 
     One export at a time fills a cache: a second one waits, then resumes from what the first
     wrote. A full disk is a one-line error that keeps the batches already checkpointed."""
@@ -139,7 +154,7 @@ def collect(components, settings: CalibrationSettings, prompts: list[str] | None
 
     with exclusive(cache_dir / ".lock", busy):
         try:
-            return _collect(components, settings, prompts, image_size, cache_dir, progress)
+            return _collect(components, settings, prompts, image_size, cache_dir, progress, ray)
         except Exception as e:
             if not is_disk_full(e, cache_dir):
                 raise
@@ -149,12 +164,10 @@ def collect(components, settings: CalibrationSettings, prompts: list[str] | None
 
 
 def _collect(components, settings: CalibrationSettings, prompts: list[str] | None,
-             image_size: int, cache_dir: Path, progress: bool) -> tuple[StepStatistics, dict]:
+             image_size: int, cache_dir: Path, progress: bool,
+             ray: str | None) -> tuple[StepStatistics, dict]:
     """``collect`` into a cache folder that exists and is held."""
-    import torch
     from tqdm.auto import tqdm
-
-    from deploy.sampler import run_sampler
 
     chosen = choose_prompts(prompts, settings) if components.conditional else None
     identity = cache_identity(components, settings, chosen, image_size)
@@ -169,28 +182,22 @@ def _collect(components, settings: CalibrationSettings, prompts: list[str] | Non
             stats.save(checkpoint, {"batches_done": str(done), "seconds": f"{seconds:.2f}"})
     sizes = [min(settings.batch_size, settings.num_prompts - i)
              for i in range(0, settings.num_prompts, settings.batch_size)]
-    latent = image_size // components.vae_factor
-    unet = components.unet
-    recorder = TrajectoryRecorder(unet, {t: k for k, t in enumerate(timesteps)})
+    job = BatchJob(settings, chosen, timesteps, sizes, image_size // components.vae_factor)
+    pending = list(range(done, len(sizes)))
+    if ray is None:
+        batches = ((b, run_batch(components, job, b, stats, progress)) for b in pending)
+    else:
+        from calibration.ray_batches import batches_on_ray
+
+        batches = batches_on_ray(components, job, pending, stats, ray)
     bar = tqdm(total=len(sizes), initial=done, desc="calibration batches", disable=not progress)
-    with recording(unet, stats, lambda: recorder.step), torch.no_grad():
-        for b in range(done, len(sizes)):
-            start = time.perf_counter()
-            recorder.reset()
-            embeddings = None
-            if chosen is not None:
-                batch = chosen[b * settings.batch_size:][:sizes[b]]
-                embeddings = np.concatenate([_encode(components, [""] * len(batch)),
-                                             _encode(components, batch)])
-            run_sampler(recorder, embeddings, settings.scheduler, components.scheduler_config,
-                        settings.steps, (sizes[b], components.latent_channels, latent, latent),
-                        settings.seed + b, settings.guidance if chosen is not None else None,
-                        settings.eta, progress=progress)
-            _save_inputs(cache_dir / "inputs" / f"batch-{b:04d}.safetensors", recorder,
-                         embeddings)
-            seconds += time.perf_counter() - start
-            stats.save(checkpoint, {"batches_done": str(b + 1), "seconds": f"{seconds:.2f}"})
-            bar.update(1)
+    last = time.perf_counter()
+    for b, inputs in batches:  # in batch order, so the checkpoint always holds a prefix
+        _save_inputs(cache_dir / "inputs" / f"batch-{b:04d}.safetensors", inputs)
+        seconds += time.perf_counter() - last
+        last = time.perf_counter()
+        stats.save(checkpoint, {"batches_done": str(b + 1), "seconds": f"{seconds:.2f}"})
+        bar.update(1)
     bar.close()
     summary = {"calibrated_timesteps": timesteps, "scheduler": settings.scheduler,
                "steps": settings.steps, "every": settings.every, "eta": settings.eta,
@@ -206,6 +213,29 @@ def _collect(components, settings: CalibrationSettings, prompts: list[str] | Non
 def _load_checkpoint(path: Path) -> tuple[StepStatistics, int, float]:
     stats, meta = StepStatistics.load(path)
     return stats, int(meta["batches_done"]), float(meta["seconds"])
+
+
+def run_batch(components, job: BatchJob, b: int, stats: StepStatistics,
+              progress: bool = False) -> dict[str, np.ndarray]:
+    """Batch ``b`` along the FP32 sampler: its statistics are added to ``stats``; returns
+    its UNet inputs (and FP32 outputs) at the calibrated steps, to cache."""
+    import torch
+
+    from deploy.sampler import run_sampler
+
+    settings, size = job.settings, job.sizes[b]
+    recorder = TrajectoryRecorder(components.unet, {t: k for k, t in enumerate(job.timesteps)})
+    embeddings = None
+    with recording(components.unet, stats, lambda: recorder.step), torch.no_grad():
+        if job.prompts is not None:
+            batch = job.prompts[b * settings.batch_size:][:size]
+            embeddings = np.concatenate([_encode(components, [""] * size),
+                                         _encode(components, batch)])
+        run_sampler(recorder, embeddings, settings.scheduler, components.scheduler_config,
+                    settings.steps, (size, components.latent_channels, job.latent, job.latent),
+                    settings.seed + b, settings.guidance if job.prompts is not None else None,
+                    settings.eta, progress=progress)
+    return _inputs(recorder, embeddings)
 
 
 def replay_statistics(unet, cache_dir: Path, timesteps: list[int], batches: int,
@@ -235,9 +265,6 @@ class TrajectoryRecorder:
     def __init__(self, unet, step_of: dict[int, int]):
         self.unet, self.step_of = unet, step_of
         self.step: int | None = None
-        self.reset()
-
-    def reset(self) -> None:
         self.samples: list[np.ndarray] = []
         self.timesteps: list[float] = []
         self.outputs: list[np.ndarray] = []
@@ -266,18 +293,22 @@ def _encode(components, prompts: list[str]) -> np.ndarray:
         return components.text_encoder(ids)[0].numpy()
 
 
-def _save_inputs(path: Path, recorder: TrajectoryRecorder, embeddings: np.ndarray | None) -> None:
+def _inputs(recorder: TrajectoryRecorder, embeddings: np.ndarray | None) -> dict:
     """The UNet inputs of one batch at its calibrated steps (for NNCF and fidelity checks),
     and the FP32 UNet's outputs on them (what the feature cache's schedule is measured
     against)."""
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"sample": np.stack(recorder.samples).astype(np.float32),
                "timestep": np.asarray(recorder.timesteps, dtype=np.float32),
                "noise_pred": np.stack(recorder.outputs).astype(np.float32)}
     if embeddings is not None:
         tensors["encoder_hidden_states"] = embeddings.astype(np.float32)
+    return tensors
+
+
+def _save_inputs(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path) as tmp:
         save_file(tensors, str(tmp))
 

@@ -38,6 +38,17 @@ class StepStatistics:
         self.min[i, step] = min(self.min[i, step], hist.min)
         self.max[i, step] = max(self.max[i, step], hist.max)
 
+    def merge(self, other: StepStatistics) -> None:
+        """Add a table of the same quantizers and steps made from other batches: the counts
+        add and min/max combine, so shards merged in any order give the table of them all."""
+        if other.keys != self.keys or other.num_steps != self.num_steps:
+            raise ValueError("statistics of different quantizers or steps do not merge")
+        self.pos += other.pos
+        self.neg += other.neg
+        self.zeros += other.zeros
+        np.minimum(self.min, other.min, out=self.min)
+        np.maximum(self.max, other.max, out=self.max)
+
     def histogram(self, key: str, steps: list[int]) -> Histogram:
         """The merged histogram of ``key`` over ``steps`` (a timestep group, or one step)."""
         i = self._index[key]

@@ -66,16 +66,18 @@ class Counter(_Metric):
 
 
 class Gauge(_Metric):
-    """A value read when /metrics is scraped (queue depth): never stale."""
+    """Values read when /metrics is scraped (queue depth, a worker's busy seconds): never
+    stale. With labels, ``read`` returns {label values: value}. Kind "counter" is for a
+    total that only grows but is kept by its owner (the queue), not by the registry."""
 
-    kind = "gauge"
-
-    def __init__(self, name, help_text, labels, lock, read: Callable[[], float]):
+    def __init__(self, name, help_text, labels, lock, read: Callable, kind: str = "gauge"):
         super().__init__(name, help_text, labels, lock)
-        self._read = read
+        self._read, self.kind = read, kind
 
     def render(self) -> list[str]:
-        return self.header() + [f"{self.name} {_number(self._read())}"]
+        values = self._read() if self.label_names else {(): self._read()}
+        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {_number(v)}"
+                                for k, v in sorted(values.items())]
 
 
 class Histogram(_Metric):
@@ -129,6 +131,11 @@ class Registry:
 
     def gauge(self, name: str, help_text: str, read: Callable[[], float]) -> Gauge:
         return self._add(Gauge(name, help_text, (), self._lock, read))
+
+    def counter_read(self, name: str, help_text: str, labels: tuple[str, ...],
+                     read: Callable[[], dict]) -> Gauge:
+        """A labelled counter whose totals another object keeps, read when scraped."""
+        return self._add(Gauge(name, help_text, labels, self._lock, read, kind="counter"))
 
     def histogram(self, name: str, help_text: str, labels: tuple[str, ...] = (),
                   buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:

@@ -1,8 +1,9 @@
 """``create_app(pipeline, settings)``: the HTTP face of one loaded Pipeline (FastAPI).
 
 The app is self-contained so it can run alone (``dq-serve``) or be mounted inside another
-ASGI app: its worker thread starts with the app, not in a lifespan hook (mounted apps get no
-lifespan events); the lifespan only waits for admitted jobs on shutdown.
+ASGI app: its worker threads start with the app, not in a lifespan hook (mounted apps get no
+lifespan events); the lifespan only waits for admitted jobs on shutdown. With
+``settings.workers`` N, N threads each run on their own sibling of the Pipeline.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ServerSettings:
     max_body_bytes: int = 64 * 1024  # larger bodies get 413
     max_n: int = 4  # images per /v1/images/generations request
     max_prompt_chars: int = 1000
+    workers: int = 1  # generation threads, each on a Pipeline sibling (load it for THROUGHPUT)
 
 
 class _Metrics:
@@ -63,6 +65,13 @@ class _Metrics:
                 lambda: queue.depth)
         r.gauge("dq_serve_queue_capacity", "most generation jobs admitted at once",
                 lambda: queue.capacity)
+        r.gauge("dq_serve_workers", "generation threads, each on its own Pipeline sibling",
+                lambda: len(queue.workers))
+        r.gauge("dq_serve_jobs_running", "generation jobs running now (at most one per worker)",
+                lambda: queue.running)
+        r.counter_read("dq_serve_worker_busy_seconds_total",
+                       "wall time each worker has spent running jobs", ("worker",),
+                       lambda: {(str(i),): s for i, s in enumerate(queue.busy_seconds)})
 
 
 class _Instrument:
@@ -104,7 +113,11 @@ def check_servable(pipeline: Pipeline) -> None:
 def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> FastAPI:
     check_servable(pipeline)
     settings = settings or ServerSettings()
-    queue = GenerationQueue(settings.max_queue, settings.timeout)
+    if not 1 <= settings.workers <= settings.max_queue:
+        raise UserError(f"workers must be in [1, max_queue={settings.max_queue}] (more could "
+                        f"never all be busy), got {settings.workers}")
+    workers = [pipeline] + [pipeline.sibling() for _ in range(settings.workers - 1)]
+    queue = GenerationQueue(settings.max_queue, settings.timeout, workers)
     metrics = _Metrics(queue)
     watch = ExportWatch(pipeline.root, pipeline.manifest.get("files", {}))
     height, width = pipeline.image_size
@@ -166,15 +179,15 @@ def create_app(pipeline: Pipeline, settings: ServerSettings | None = None) -> Fa
         return req
 
     def job(req: GenerateRequest, seeds: list[int]):
-        def run(deadline: float) -> list[tuple[bytes, dict]]:
+        def run(worker: Pipeline, deadline: float) -> list[tuple[bytes, dict]]:
             images = []
             for seed in seeds:
                 if images and time.monotonic() > deadline:
                     break  # the caller has had its 504; skip the rest of its images
                 start = time.perf_counter()
-                result = pipeline.generate(req.prompt, negative_prompt=req.negative_prompt,
-                                           steps=req.steps, scheduler=req.scheduler,
-                                           guidance=req.guidance, seed=seed, cache=req.cache)
+                result = worker.generate(req.prompt, negative_prompt=req.negative_prompt,
+                                         steps=req.steps, scheduler=req.scheduler,
+                                         guidance=req.guidance, seed=seed, cache=req.cache)
                 metrics.generation.observe(time.perf_counter() - start)
                 for seconds in result.step_seconds:
                     metrics.steps.observe(seconds)

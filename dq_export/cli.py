@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompts per FP32 pipeline run")
     c.add_argument("--calibration-dir", type=Path, default=None,
                    help="cache folder (default: ~/.cache/dq-export/calibration/<hash>)")
+    c.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="run the calibration batches as Ray tasks, one CPU each: auto joins "
+                        "the cluster `ray start` runs on this machine (or $RAY_ADDRESS), else "
+                        "starts a local one; ADDRESS joins that cluster. Statistics add up to "
+                        "the sequential run's, bit for bit (needs pip install -e '.[ray]')")
     return p
 
 
@@ -138,17 +143,29 @@ def _budget(items: list[str] | None) -> str | None:
     return parse_budget(",".join(items)).text()
 
 
+def _check_ray(recipe: Recipe) -> None:
+    """--ray parallelises calibration: fail now if Ray is missing or nothing calibrates."""
+    from dq_export.ray_cluster import require_ray
+
+    require_ray()
+    if not recipe.needs_trajectories:
+        raise UserError(f"--ray runs the calibration batches, and this recipe ({recipe.bits}, "
+                        "no feature cache to schedule) does not calibrate: drop --ray")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="dq-export: %(levelname)s: %(message)s")
     try:
         recipe = recipe_from_args(args)
+        if args.ray is not None:
+            _check_ray(recipe)
         out = args.out or Path("exports") / f"{Path(args.model).name}-{recipe.bits}"
         from dq_export.export import export
 
         manifest = export(args.model, out, recipe, init=args.init, force=args.force,
                           prompts=args.prompts, calibration_dir=args.calibration_dir,
-                          genai=args.genai)
+                          genai=args.genai, ray=args.ray)
     except UserError as e:
         print(f"dq-export: error: {e}", file=sys.stderr)
         return e.exit_code

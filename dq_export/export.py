@@ -80,9 +80,11 @@ def versions() -> dict[str, str]:
 
 def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
            force: bool = False, prompts: Path | None = None,
-           calibration_dir: Path | None = None, genai: bool | None = None) -> dict:
+           calibration_dir: Path | None = None, genai: bool | None = None,
+           ray: str | None = None) -> dict:
     """Run the whole export and return the manifest written to ``out``. ``genai``: lay it
-    out for OpenVINO GenAI too (None: for every text-to-image model)."""
+    out for OpenVINO GenAI too (None: for every text-to-image model). ``ray``: the Ray
+    cluster to run the calibration batches on ("auto" or an address; None: here)."""
     from dq_export.genai_layout import check_requested
 
     recipe.check()
@@ -96,7 +98,8 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     if calibration_dir is not None and recipe.needs_trajectories:
         make_folder(calibration_dir, "--calibration-dir")
     with staged(Path(out), force) as root:
-        return _export_into(model, layout, root, recipe, init, prompts, calibration_dir, genai)
+        return _export_into(model, layout, root, recipe, init, prompts, calibration_dir, genai,
+                            ray)
 
 
 def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe:
@@ -132,7 +135,8 @@ def check_groups(recipe: Recipe, steps: int) -> None:
 
 
 def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: str,
-                 prompts: Path | None, calibration_dir: Path | None, genai: bool) -> dict:
+                 prompts: Path | None, calibration_dir: Path | None, genai: bool,
+                 ray: str | None) -> dict:
     from calibration.collect import collect, load_inputs
     from calibration.fit import fit
     from dq_export.genai_layout import MODEL_BIN, OWN_UNET_XML, ir_path, write_layout
@@ -174,7 +178,7 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
         with stage("calibration: FP32 trajectories and per-step statistics"):
             stats, summary = collect(components, calibration_settings(recipe),
                                      read_prompts(prompts) if components.conditional else None,
-                                     size, calibration_dir)
+                                     size, calibration_dir, ray=ray)
     if fits:
         with stage("fit activation scales per group"):
             params = fit(stats, summary["calibrated_timesteps"], recipe.groups,

@@ -67,7 +67,8 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tiny_export, tmp_path_factory):
     srv = Server(tiny_export, tmp_path_factory.mktemp("serve") / "server.log",
-                 "--api-key", KEY, "--max-queue", "4", "--timeout", "120", "--max-n", "3")
+                 "--api-key", KEY, "--max-queue", "4", "--timeout", "120", "--max-n", "3",
+                 "--workers", "1")
     yield srv
     srv.stop()
 
@@ -293,14 +294,70 @@ def test_sigterm_finishes_in_flight_requests(short_timeout_server):
         httpx.get(f"{url}/healthz", timeout=2)
 
 
-def wait_for_depth(url: str, depth: int, seconds: float = 60) -> None:
+def test_two_workers_serve_in_parallel_count_right_and_drain(tiny_export, tmp_path):
+    """--workers 2: two jobs run at once, every metric adds up, and SIGTERM answers all."""
+    srv = Server(tiny_export, tmp_path / "server.log", "--workers", "2", "--max-queue", "4")
+    steps, url = 40, srv.url
+    try:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            before = metrics(client)
+            assert before["dq_serve_workers"] == 2
+
+            def post(_):
+                return client.post("/generate", json={"prompt": "a digit 4", "steps": steps,
+                                                      "scheduler": "ddim"})
+
+            start = time.monotonic()
+            with ThreadPoolExecutor(4) as pool:
+                pending = pool.map(post, range(4))
+                wait_for_depth(url, 2, metric="dq_serve_jobs_running")  # both at once
+                responses = list(pending)
+            wall = time.monotonic() - start
+            assert [r.status_code for r in responses] == [200] * 4
+            after = metrics(client)
+
+        def delta(name):
+            return after.get(name, 0) - before.get(name, 0)
+
+        assert delta('dq_serve_requests_total{endpoint="/generate",status="200"}') == 4
+        assert delta("dq_serve_images_total") == 4
+        assert delta("dq_serve_generation_seconds_count") == 4
+        assert delta("dq_serve_step_seconds_count") == 4 * steps
+        busy = [delta(f'dq_serve_worker_busy_seconds_total{{worker="{i}"}}') for i in (0, 1)]
+        assert min(busy) > 0  # both workers served
+        assert delta("dq_serve_generation_seconds_sum") <= sum(busy) <= 2 * wall
+        assert sum(busy) > 1.3 * wall  # overlapping jobs: more busy time than wall time
+        assert after["dq_serve_jobs_running"] == 0 and after["dq_serve_queue_depth"] == 0
+
+        results = {}
+
+        def post_one(steps):
+            results[steps] = httpx.post(f"{url}/generate", json={"prompt": "x", "steps": steps},
+                                        timeout=60)
+
+        threads = [threading.Thread(target=post_one, args=(s,)) for s in (40, 30, 20)]
+        for t in threads:
+            t.start()
+        wait_for_depth(url, 3)  # two running, one waiting
+        srv.proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(timeout=60)
+        assert srv.proc.wait(timeout=30) == -signal.SIGTERM
+        assert [results[s].status_code for s in (40, 30, 20)] == [200] * 3
+        assert "Traceback" not in srv.log()
+    finally:
+        srv.stop()
+
+
+def wait_for_depth(url: str, depth: int, seconds: float = 60,
+                   metric: str = "dq_serve_queue_depth") -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         text = httpx.get(f"{url}/metrics", timeout=5).text
-        if re.search(rf"^dq_serve_queue_depth {depth}$", text, re.M):
+        if re.search(rf"^{metric} {depth}$", text, re.M):
             return
         time.sleep(0.02)
-    pytest.fail(f"queue depth never reached {depth}")
+    pytest.fail(f"{metric} never reached {depth}")
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -313,6 +370,9 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     (lambda tmp: [str(tmp)], "is not a dq-export folder"),
     (lambda tmp: [str(tmp), "--port", "70000"], "--port must be in [0, 65535]"),
     (lambda tmp: [str(tmp), "--max-queue", "0"], "--max-queue must be positive"),
+    (lambda tmp: [str(tmp), "--workers", "9"], "--workers must be in [1, --max-queue=8]"),
+    (lambda tmp: [str(tmp), "--replicas", "2"], "--replicas need --ray"),
+    (lambda tmp: [str(tmp), "--ray", "--replicas", "3:1"], "needs 0 <= MIN <= MAX"),
 ])
 def test_bad_command_line_is_one_line_exit_2(tmp_path, make_args, expected):
     proc = run_cli(*make_args(tmp_path))

@@ -31,6 +31,36 @@ def generate_digits(pipeline, seeds, steps: int = 20, scheduler: str = "pndm",
     return images, np.tile(np.arange(10), len(seeds))
 
 
+def generate_digits_on_ray(export_dir: Path, seeds, steps: int = 20, scheduler: str = "pndm",
+                           guidance: float = 7.5, address: str = "auto",
+                           ov_config: dict | None = None) -> tuple[list, np.ndarray]:
+    """``generate_digits`` with the seeds split into contiguous shards, one Ray task (one CPU)
+    per shard, each loading the export itself. Each seed's images depend on that seed alone,
+    so they are the ones a single process draws, in the same order, given the same
+    ``ov_config`` (pass the driver's Pipeline's) on the same kind of CPU."""
+    from PIL import Image
+
+    from dq_export.ray_cluster import connect
+
+    ray = connect(address)
+    seeds = list(seeds)
+    shards = np.array_split(seeds, min(len(seeds), int(ray.cluster_resources().get("CPU", 1))))
+    task = ray.remote(num_cpus=1)(_digits_task)
+    refs = [task.remote(str(export_dir), shard.tolist(), steps, scheduler, guidance, ov_config)
+            for shard in shards]
+    images = [Image.fromarray(array) for arrays in ray.get(refs) for array in arrays]
+    return images, np.tile(np.arange(10), len(seeds))
+
+
+def _digits_task(export_dir: str, seeds: list[int], steps: int, scheduler: str,
+                 guidance: float, ov_config: dict | None) -> list[np.ndarray]:
+    from deploy import Pipeline
+
+    pipe = Pipeline.load(export_dir, batch_size=10, verify=False, ov_config=ov_config)
+    images, _ = generate_digits(pipe, seeds, steps, scheduler, guidance)
+    return [np.asarray(image) for image in images]
+
+
 def score(images, labels) -> dict:
     """Judge accuracy (overall and per digit) and digits FID against the held-out digits."""
     predicted, _ = judge.classify(images)
