@@ -103,7 +103,7 @@ def find_attentions(model: onnx.ModelProto, names: set[str]) -> dict[str, Attent
         if node.op_type == "MatMul" and module_name(node.name) in names:
             by_module.setdefault(module_name(node.name), []).append(node)
     found = {}
-    for name in names:
+    for name in sorted(names):  # a set: sorted, so the initializers come in one order
         matmuls = by_module.get(name, [])
         output = next((n for n in matmuls if producers.get(n.input[0]) is not None
                        and producers[n.input[0]].op_type == "Softmax"), None)
