@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     from calibration.fit import fit
     from calibration.layers import shortcut_splits
     from dq_export.loading import load_components
-    from dq_export.quantize_unet import calibration_settings
+    from dq_export.graph.quantize_unet import calibration_settings
     from dq_export.recipe import Recipe
     from dq_export.registry import default_calib_prompts
 

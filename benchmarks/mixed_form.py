@@ -5,7 +5,7 @@ Builds two small stand-in graphs with the export's own passes, a stack of 3x3 co
 (SD's ResNet convs) and a stack of Linear layers on tokens (SD's attention projections and
 feed-forwards), in each candidate form: FP32; int8 weights + int8 input (W8A8, the
 shared-scale form); int8 weights + float input; ``dual`` (the export's form,
-``dq_export.mixed_precision``: int8 in group 0, float in group 1, both kernels run and are
+``dq_export.graph.mixed_precision``: int8 in group 0, float in group 1, both kernels run and are
 summed with 0/1 weights); ``switch``, an ``If`` on the step running one path
 (``switch_paths`` below: faster, but OpenVINO miscomputed it inside the UNet); and for
 Linear layers int4 weights with int8 or float inputs. Each form is compiled in a
@@ -69,9 +69,9 @@ def build(kind: str, form: str, width: int, depth: int, folder: Path) -> tuple[P
     import torch
 
     from calibration.fit import ActivationQuantizer, QuantParams
-    from dq_export.mixed_precision import add_float_paths
-    from dq_export.qdq import build_qdq_unet
-    from dq_export.shared_scales import quantize_activations_shared
+    from dq_export.graph.mixed_precision import add_float_paths
+    from dq_export.graph.qdq import build_qdq_unet
+    from dq_export.graph.shared_scales import quantize_activations_shared
 
     graph, x = stand_in(kind, width, depth)
     path = folder / f"{kind}-{form}.onnx"
@@ -106,12 +106,12 @@ def switch_paths(model, layers, float_steps, float_weights) -> None:
     where given, else the layer's own dequantized weights) in the other. Only the taken
     branch runs; each branch holds its weights as its own constants, so OpenVINO keeps the
     int8 branch's quantizers constant-range (int8 kernels) and the float branch's weights
-    packed. (Not the export's form: see dq_export.mixed_precision.)"""
+    packed. (Not the export's form: see dq_export.graph.mixed_precision.)"""
     import onnx
     from onnx import helper, numpy_helper
 
-    from dq_export.mixed_precision import float_weight_name
-    from dq_export.qdq import STEP_INDEX
+    from dq_export.graph.mixed_precision import float_weight_name
+    from dq_export.graph.qdq import STEP_INDEX
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}

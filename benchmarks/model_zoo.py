@@ -38,7 +38,7 @@ def measure(export: Path, calls: int) -> dict:
     from deploy import Pipeline
     from dq_export.loading import load_components
     from dq_export.manifest import read_manifest
-    from dq_export.onnx_export import unet_example, unet_input_names
+    from dq_export.graph.onnx_export import unet_example, unet_input_names
 
     manifest = read_manifest(export, verify=False)
     source = manifest["model"]

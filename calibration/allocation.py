@@ -3,7 +3,7 @@ and timestep group, over the precisions OpenVINO on CPU executes (``benchmarks/m
 
 A layer's choice is its weight precision, one for all groups, and its input precision in
 each group (RAQ's step-wise schedule): int8, or float. What each choice costs follows the
-deployed form (``dq_export.mixed_precision``), measured by ``benchmarks/mixed_form.py``:
+deployed form (``dq_export.graph.mixed_precision``), measured by ``benchmarks/mixed_form.py``:
 
 - Conv: int8 weights and input; or float input on the FP32 weights (OpenVINO would expand
   int8 weights to FP32 for a float input anyway, in more memory).

@@ -119,7 +119,7 @@ def choose_schedule(root: Path, recipe, timesteps: list[int], unet, cache_dir: P
     """The manifest's ``cache`` entry; the DP also writes the measured errors to
     ``ERRORS_FILE`` (with the uniform schedule of the same K beside it, for comparison)."""
     from calibration.collect import load_trajectories
-    from dq_export.deep_cache import feature_module
+    from dq_export.graph.deep_cache import feature_module
 
     steps = len(timesteps)
     entry = {"branch": recipe.cache_branch, "feature": feature_module(unet, recipe.cache_branch),

@@ -19,7 +19,7 @@ from calibration.layers import quantized_layers
 
 def form_times(components, fp32_onnx: Path, recipe, params, latent_size: int) -> dict:
     """{"layers": {layer: {form: ms}}, "fixed_ms", "int8_ms" (the all-int8 step)}."""
-    from dq_export.quantize_unet import write_group_graphs, write_shared_graph
+    from dq_export.graph.quantize_unet import write_group_graphs, write_shared_graph
     from dq_export.target_cpu import layer_seconds, profile_nodes, profile_shapes
 
     unet = components.unet

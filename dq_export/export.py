@@ -144,10 +144,11 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     from dq_export.loading import load_components
     from dq_export.manifest import write_manifest
     from dq_export.nncf_baseline import quantize_unet_ir
-    from dq_export.onnx_export import export_components
+    from dq_export.graph.onnx_export import export_components
     from dq_export.openvino_convert import INT8_WEIGHTS, convert_to_ir
-    from dq_export.quantize_unet import (calibration_settings, quantization_manifest,
-                                         write_group_graphs, write_params, write_shared_graph)
+    from dq_export.graph.quantize_unet import (calibration_settings, quantization_manifest,
+                                               write_group_graphs, write_params,
+                                               write_shared_graph)
 
     calibrates = recipe.needs_trajectories
     fits = recipe.activations_quantized and recipe.method == "dq"
@@ -165,7 +166,7 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
         check_groups(recipe, steps)
     if recipe.cache:
         from dq_export.cache_export import check_schedule
-        from dq_export.deep_cache import check_branch
+        from dq_export.graph.deep_cache import check_branch
 
         check_branch(components.unet, recipe.cache_branch)
         check_schedule(recipe, steps)
@@ -310,7 +311,7 @@ def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe,
     graph that choice makes against the all-int8 one."""
     from calibration.layers import attention_modules, quantized_layers
     from dq_export import target_cpu
-    from dq_export.quantize_unet import write_shared_graph
+    from dq_export.graph.quantize_unet import write_shared_graph
 
     shapes = target_cpu.profile_shapes(components, latent_size)
     int8_unet = write_shared_graph(fp32_unet, root / "unet_profile.onnx", components.unet,

@@ -20,7 +20,7 @@ from calibration.fit import QuantParams
 from calibration.layers import quantized_layers, shortcut_splits
 from calibration import rd_curves
 from calibration.rd_curves import build_curves, cached_curves, curves_key, layer_kind, load_curves
-from dq_export.mixed_precision import Plan, plan
+from dq_export.graph.mixed_precision import Plan, plan
 
 CURVES_FILE = "rd_curves.json"
 CHART_FILE = "allocation.png"
@@ -96,7 +96,7 @@ def unmeasured(unet, groups: int, ms: dict | None) -> list[LayerCurves]:
 
 def writers(p: Plan) -> tuple:
     """(group graphs writer, shared graph writer, their plan) for ``export``."""
-    from dq_export import mixed_precision
+    from dq_export.graph import mixed_precision
 
     return mixed_precision.write_group_graphs, mixed_precision.write_shared_graph, p
 

@@ -67,7 +67,7 @@ def layers_kept_float(int8: dict[str, float], fp32: dict[str, float]) -> list[st
 def profile_shapes(components, latent_size: int) -> dict[str, list[int]]:
     """The UNet's inputs for one sampler step of one image at the export's size (batch 2
     with guidance, 1 for an unconditional model), as the export traces them."""
-    from dq_export.onnx_export import unet_example, unet_input_names
+    from dq_export.graph.onnx_export import unet_example, unet_input_names
 
     return {name: list(example.shape) for name, example in
             zip(unet_input_names(components), unet_example(components, latent_size))}

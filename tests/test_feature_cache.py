@@ -21,8 +21,8 @@ from calibration.cache_schedule import dp_full_steps, schedule_error, uniform_fu
 from deploy import Pipeline
 from deploy.feature_cache import interval_plan, schedule_plan
 from deploy.schedulers import make_scheduler
-from dq_export.deep_cache import (FullUNetGraph, ShallowUNetGraph, feature_module,
-                                  valid_branches)
+from dq_export.graph.deep_cache import (FullUNetGraph, ShallowUNetGraph, feature_module,
+                                        valid_branches)
 from dq_export.errors import UserError
 from dq_export.loading import load_components
 from dq_export.manifest import ir_files

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from dq_export.loading import load_components
-from dq_export.onnx_export import unet_example
+from dq_export.graph.onnx_export import unet_example
 from dq_export.registry import REGISTRY
 
 pytestmark = pytest.mark.slow

@@ -15,8 +15,8 @@ from calibration.layers import quantized_layers, shortcut_splits
 from calibration.rd_curves import layer_kind
 from dq_export.errors import UserError
 from dq_export.loading import load_components
-from dq_export.mixed_precision import plan, simulation, write_group_graphs, write_shared_graph
-from dq_export.quantize_unet import in_weight_range, weight_bits
+from dq_export.graph.mixed_precision import plan, simulation, write_group_graphs, write_shared_graph
+from dq_export.graph.quantize_unet import in_weight_range, weight_bits
 from dq_export.recipe import TINY_CALIBRATION, Recipe
 
 F = FLOAT

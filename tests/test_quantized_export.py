@@ -32,7 +32,7 @@ def setup(tiny_w8a8):
 
 def export_bits(manifest, unet) -> dict[str, int]:
     """The export's weight bits per layer: 8, or 7 where it chose the half range."""
-    from dq_export.quantize_unet import weight_bits
+    from dq_export.graph.quantize_unet import weight_bits
 
     return weight_bits(unet, manifest["recipe"]["bits"], manifest["recipe"]["weight_range"])
 
@@ -104,7 +104,7 @@ def test_shared_graph_applies_each_steps_scales(tiny_w8a8, tiny_export, setup, t
     """The one graph OpenVINO gets: at every calibrated step, each unit-scale quantizer times
     the multiplier read from its table is fake quantization with that step's group scale (or
     its own table entry), and the layer output equals the per-group graph's."""
-    from dq_export.quantize_unet import write_shared_graph
+    from dq_export.graph.quantize_unet import write_shared_graph
     from dq_export.recipe import Recipe
 
     manifest, params, components, calls = setup

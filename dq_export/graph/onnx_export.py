@@ -7,7 +7,7 @@ interface is fixed here and nowhere else:
 - unet: ``sample`` [batch, C, h, w], ``timestep`` float32 [batch] and, text-to-image only,
   ``encoder_hidden_states`` [batch, tokens, dim] -> ``noise_pred`` (the model output: epsilon
   or v); with a feature cache (``--cache``) also -> ``deep_feature``, the feature at the
-  cache point (dq_export.deep_cache)
+  cache point (dq_export.graph.deep_cache)
 - unet_shallow (``--cache`` only): the UNet's inputs and ``deep_feature`` -> ``noise_pred``
 - vae_decoder (latent diffusion only): ``latent_sample`` (the scheduler's latents divided by
   the latent scaling, as diffusers and OpenVINO GenAI divide them) -> ``sample``, the image
@@ -132,7 +132,7 @@ def export_components(components, out_dir: Path, latent_size: int, opset: int, s
     if cache_branch is None:
         jobs["unet"] = (UNetGraph(unet), example, names, ["noise_pred"])
     else:
-        from dq_export.deep_cache import FEATURE, FullUNetGraph, ShallowUNetGraph
+        from dq_export.graph.deep_cache import FEATURE, FullUNetGraph, ShallowUNetGraph
 
         full = FullUNetGraph(unet, cache_branch)
         with torch.no_grad():

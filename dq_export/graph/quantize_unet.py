@@ -2,7 +2,7 @@
 
 - one portable QDQ ONNX graph per timestep group, all referencing one external weight file
   (the int8 weights are on disk once); they differ only in their activation scales;
-- one shared-scale graph for OpenVINO (``dq_export.shared_scales``): every group in one
+- one shared-scale graph for OpenVINO (``dq_export.graph.shared_scales``): every group in one
   compiled model, the step's scales applied by runtime multipliers.
 
 A feature cache's shallow UNet (``unet_shallow``) gets the same passes on the layers it has:
@@ -19,9 +19,9 @@ import onnx
 from calibration.collect import CalibrationSettings
 from calibration.fit import QuantParams
 from calibration.layers import quantized_layers, shortcut_splits
-from dq_export.onnx_export import save_with_external_data
-from dq_export.qdq import build_qdq_unet, graph_modules, quantize_activations, set_group
-from dq_export.shared_scales import quantize_activations_shared
+from dq_export.graph.onnx_export import save_with_external_data
+from dq_export.graph.qdq import build_qdq_unet, graph_modules, quantize_activations, set_group
+from dq_export.graph.shared_scales import quantize_activations_shared
 
 WEIGHTS_FILE = "unet_weights.data"  # the full UNet's; a shallow UNet's is <name>_weights.data
 OPENVINO_FORM = "shared_scales"

@@ -31,10 +31,11 @@ from calibration.allocation import FLOAT, Choice
 from calibration.fit import QuantParams
 from calibration.layers import activation_keys, quantized_layers, shortcut_splits
 from calibration.rd_curves import layer_kind
-from dq_export.onnx_export import save_with_external_data
-from dq_export.qdq import STEP_INDEX, LayerNode, build_qdq_unet, quantize_activations, set_group
-from dq_export.quantize_unet import WEIGHTS_FILE, in_weight_range
-from dq_export.shared_scales import quantize_activations_shared
+from dq_export.graph.onnx_export import save_with_external_data
+from dq_export.graph.qdq import (STEP_INDEX, LayerNode, build_qdq_unet, quantize_activations,
+                                 set_group)
+from dq_export.graph.quantize_unet import WEIGHTS_FILE, in_weight_range
+from dq_export.graph.shared_scales import quantize_activations_shared
 
 
 def drop_activation_quantizers(model: onnx.ModelProto, keys: set[str]) -> None:
@@ -71,7 +72,7 @@ def path_tables(scales: np.ndarray, float_steps: np.ndarray) -> dict[str, np.nda
 def add_float_paths(model: onnx.ModelProto, layers: dict[str, LayerNode],
                     float_steps: dict[str, np.ndarray],
                     float_weights: dict[str, np.ndarray]) -> None:
-    """On a shared-scale graph (``dq_export.shared_scales``): give each layer of
+    """On a shared-scale graph (``dq_export.graph.shared_scales``): give each layer of
     ``float_steps`` (key -> bool per calibrated step) a float twin of its kernel, summed
     with its int8 path under the step's 0/1 tables. The twin reads ``float_weights[key]``
     where given (convolutions: OpenVINO would expand int8 weights to FP32 for a float input

@@ -26,7 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from calibration.fit import QuantParams
 from calibration.quant_math import INT_TYPES
-from dq_export.qdq import STEP_INDEX, LayerNode, activation_edges, insert_before
+from dq_export.graph.qdq import STEP_INDEX, LayerNode, activation_edges, insert_before
 
 
 @dataclass
