@@ -126,8 +126,8 @@ def machine() -> dict:
     when, and with which code: docs/results.md states all of it beside each table."""
     import openvino as ov
 
-    from dq_export.cpu_isa import cpu_flags
-    from dq_export.target_cpu import cpu_description
+    from dq_export.openvino_ir.cpu_isa import cpu_flags
+    from dq_export.openvino_ir.target_cpu import cpu_description
 
     flags = cpu_flags()
     return {"cpu": cpu_description()["device"], "cores": len(os.sched_getaffinity(0)),

@@ -343,8 +343,8 @@ def _load_tokenizer(folder: Path):
 
 def _warn_if_int8_saturates(manifest: dict) -> None:
     """An export with full-range int8 weights and int8 activations loses accuracy on a CPU
-    without VNNI (dq_export.cpu_isa): say so once, with the fix."""
-    from dq_export.cpu_isa import has_vnni
+    without VNNI (dq_export.openvino_ir.cpu_isa): say so once, with the fix."""
+    from dq_export.openvino_ir.cpu_isa import has_vnni
 
     recipe = manifest.get("recipe", {})
     int8_kernels = recipe.get("method") == "dq" and str(recipe.get("bits", "")).endswith("a8")

@@ -85,7 +85,7 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     """Run the whole export and return the manifest written to ``out``. ``genai``: lay it
     out for OpenVINO GenAI too (None: for every text-to-image model). ``ray``: the Ray
     cluster to run the calibration batches on ("auto" or an address; None: here)."""
-    from dq_export.genai_layout import check_requested
+    from dq_export.openvino_ir.genai_layout import check_requested
 
     recipe.check()
     layout = model_layout(model)  # an unknown model fails here, before any heavy work
@@ -106,7 +106,7 @@ def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe
     """The recipe with what it leaves open filled in from the model: the papers' sampler,
     steps and eta to calibrate for, the calibration size, the text encoder's weights; and
     from this CPU, the int8 weights' range (``--weight-range auto``)."""
-    from dq_export.cpu_isa import weight_range_for_this_cpu
+    from dq_export.openvino_ir.cpu_isa import weight_range_for_this_cpu
 
     spec = model_defaults(model)
     if not conditional and recipe.text_encoder_weights is not None:
@@ -139,13 +139,13 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
                  ray: str | None) -> dict:
     from calibration.collect import collect, load_inputs
     from calibration.fit import fit
-    from dq_export.genai_layout import MODEL_BIN, OWN_UNET_XML, ir_path, write_layout
-    from dq_export.ir_weights import share_weights
+    from dq_export.openvino_ir.genai_layout import MODEL_BIN, OWN_UNET_XML, ir_path, write_layout
+    from dq_export.openvino_ir.ir_weights import share_weights
     from dq_export.loading import load_components
     from dq_export.manifest import write_manifest
-    from dq_export.nncf_baseline import quantize_unet_ir
+    from dq_export.openvino_ir.nncf_baseline import quantize_unet_ir
     from dq_export.graph.onnx_export import export_components
-    from dq_export.openvino_convert import INT8_WEIGHTS, convert_to_ir
+    from dq_export.openvino_ir.openvino_convert import INT8_WEIGHTS, convert_to_ir
     from dq_export.graph.quantize_unet import (calibration_settings, quantization_manifest,
                                                write_group_graphs, write_params,
                                                write_shared_graph)
@@ -310,7 +310,7 @@ def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe,
     """``--target-cpu auto``: time every layer in int8 and in FP32 on this machine, then the
     graph that choice makes against the all-int8 one."""
     from calibration.layers import attention_modules, quantized_layers
-    from dq_export import target_cpu
+    from dq_export.openvino_ir import target_cpu
     from dq_export.graph.quantize_unet import write_shared_graph
 
     shapes = target_cpu.profile_shapes(components, latent_size)

@@ -59,7 +59,7 @@ def choose(components, params: QuantParams, summary: dict, recipe, fp32_onnx: Pa
     splits = shortcut_splits(unet) if recipe.split_shortcut else {}
     latency = None
     if budget.latency is not None:
-        from dq_export.candidate_latency import form_times
+        from dq_export.openvino_ir.candidate_latency import form_times
 
         latency = form_times(components, fp32_onnx, recipe, params, latent_size)
     ms = latency["layers"] if latency else None

@@ -57,7 +57,7 @@ def test_non_empty_out_is_refused_without_force(tmp_path):
 
 
 def test_failed_export_leaves_nothing_that_looks_valid(tmp_path, monkeypatch):
-    import dq_export.openvino_convert as conv
+    import dq_export.openvino_ir.openvino_convert as conv
 
     def broken(*args, **kwargs):
         raise RuntimeError("conversion failed")
@@ -74,7 +74,7 @@ def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(tmp_path, monkeypatc
     import shutil
     from collections import namedtuple
 
-    import dq_export.openvino_convert as conv
+    import dq_export.openvino_ir.openvino_convert as conv
 
     def disk_full(*args, **kwargs):
         raise RuntimeError("basic_ios::clear: iostream error")

@@ -327,7 +327,7 @@ def test_w4a8_generates_close_to_fp32(tiny_w8a8, tiny_export, tmp_path):
 
 
 def test_owning_layer_and_the_float_rule():
-    from dq_export.target_cpu import layer_seconds, layers_kept_float, owning_layer
+    from dq_export.openvino_ir.target_cpu import layer_seconds, layers_kept_float, owning_layer
 
     layers = {"conv_in", "down_blocks.0.resnets.0.conv1", "up_blocks.0.resnets.0.conv_shortcut"}
     assert owning_layer("/unet/down_blocks.0/resnets.0/conv1/Conv/WithoutBiases",
@@ -343,7 +343,7 @@ def test_owning_layer_and_the_float_rule():
 
 
 def test_the_per_layer_choice_stays_only_if_the_whole_call_is_faster():
-    from dq_export.target_cpu import confirmed
+    from dq_export.openvino_ir.target_cpu import confirmed
 
     choice = {"kept_float": ["b", "c"], "layers": {}}
     kept = confirmed(choice, all_int8_seconds=0.50, chosen_seconds=0.45)
@@ -361,7 +361,7 @@ def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
     OpenVINO graph and in quant_params.json, and the export still generates."""
     import openvino as ov
 
-    import dq_export.target_cpu as target_cpu
+    import dq_export.openvino_ir.target_cpu as target_cpu
     from conftest import TINY_CALIBRATION
     from dq_export.export import export
     from dq_export.recipe import Recipe
@@ -458,7 +458,7 @@ def test_weight_range_follows_the_cpu_and_deploy_warns_where_int8_saturates(
     """``--weight-range auto``: 7-bit weights where the exporting CPU lacks VNNI (its int8
     kernels saturate), 8-bit elsewhere; the weights in the graph keep to that range, and
     loading a full-range export on a CPU without VNNI warns."""
-    from dq_export import cpu_isa
+    from dq_export.openvino_ir import cpu_isa
 
     manifest = setup[0]
     assert cpu_isa.has_vnni({"avx2", "avx512_vnni"}) and not cpu_isa.has_vnni({"avx2", "fma"})

@@ -47,7 +47,8 @@ def weight_bits(unet, bits: str, weight_range: str = "full") -> dict[str, int]:
 
 def in_weight_range(bits: dict[str, int], weight_range: str) -> dict[str, int]:
     """``weight_range`` "half": int8 weights in 7 bits, [-63, 63], which no int8 kernel
-    without VNNI can overflow (dq_export.cpu_isa); int4 and float layers as they are."""
+    without VNNI can overflow (dq_export.openvino_ir.cpu_isa); int4 and float layers as they
+    are."""
     return {name: 7 if b == 8 and weight_range == "half" else b for name, b in bits.items()}
 
 

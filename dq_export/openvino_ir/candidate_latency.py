@@ -3,9 +3,9 @@ latency rate of ``--budget latency=...``.
 
 Each form of ``calibration.allocation.FORMS`` is one whole-UNet graph (FP32; all-int8 W8A8
 in the shared-scale form; int8 and int4 weights with float inputs), profiled with
-OpenVINO's per-layer counters (``dq_export.target_cpu``); each executed node is charged to
-its layer. Nodes no layer owns (attention scores, softmax, norms) are the same in every
-form: their int8-graph total is the fixed part of a step.
+OpenVINO's per-layer counters (``dq_export.openvino_ir.target_cpu``); each executed node is
+charged to its layer. Nodes no layer owns (attention scores, softmax, norms) are the same in
+every form: their int8-graph total is the fixed part of a step.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from calibration.layers import quantized_layers
 def form_times(components, fp32_onnx: Path, recipe, params, latent_size: int) -> dict:
     """{"layers": {layer: {form: ms}}, "fixed_ms", "int8_ms" (the all-int8 step)}."""
     from dq_export.graph.quantize_unet import write_group_graphs, write_shared_graph
-    from dq_export.target_cpu import layer_seconds, profile_nodes, profile_shapes
+    from dq_export.openvino_ir.target_cpu import layer_seconds, profile_nodes, profile_shapes
 
     unet = components.unet
     layers = set(quantized_layers(unet))

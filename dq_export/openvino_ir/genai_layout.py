@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 
 from dq_export.errors import UserError
-from dq_export.ir_weights import share_weights
+from dq_export.openvino_ir.ir_weights import share_weights
 
 MODEL_XML = "openvino_model.xml"
 MODEL_BIN = "openvino_model.bin"
