@@ -2,7 +2,7 @@
 
 The FP32 export samples each prompt; at every step, each other export's UNet gets the very
 same input (x_t, t, embeddings) and its prediction is compared with FP32's:
-||eps_q - eps_fp|| / ||eps_fp|| (dq_export.fidelity). benchmarks/quality.py adds the
+||eps_q - eps_fp|| / ||eps_fp|| (dq_export.evaluation.fidelity). benchmarks/quality.py adds the
 relative MSE, the MSE+SSIM distortion and the image metrics.
 
     python benchmarks/noise_fidelity.py fp32=exports/tiny-fp32 nncf=exports/tiny-nncf \\
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from calibration.collect import read_prompts
     from deploy import Pipeline
     from dq_export.errors import UserError
-    from dq_export.fidelity import trajectory_errors
+    from dq_export.evaluation.fidelity import trajectory_errors
 
     try:
         # prompts from the end of the file: calibration reads from its start

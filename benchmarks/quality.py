@@ -7,7 +7,7 @@ digits, its digits FID to FP32's own samples, and final-image PSNR/SSIM against 
 export's image of the same seed. Along
 FP32's own trajectories (the first ``--fidelity-seeds`` seeds) every export's noise
 prediction is compared with FP32's at each step: relative MSE and the rate-distortion
-paper's MSE+SSIM distortion (dq_export.fidelity).
+paper's MSE+SSIM distortion (dq_export.evaluation.fidelity).
 
 Noise: seeds are resampled with replacement (each seed's ten digits together) to give 95%
 intervals, and the same resamples pair each export with FP32, so a difference from FP32
@@ -60,7 +60,7 @@ def samples(pipe, label: str, scheduler: str, steps: int, seeds: int, cache: Pat
     """[seeds * 10, H, W, 3] uint8 digits (seed-major, digits 0-9), cached on disk by
     export manifest, scheduler, steps and seed count. ``ray``: a cluster address to draw
     them on, the seeds sharded over its CPUs (the same images)."""
-    from dq_export.reference.evaluate import generate_digits, generate_digits_on_ray
+    from dq_export.evaluation.reference.evaluate import generate_digits, generate_digits_on_ray
 
     key = hashlib.sha256((pipe.root / "manifest.json").read_bytes()).hexdigest()[:12]
     path = cache / f"{label}-{scheduler}-{steps}-s{seeds}-{key}.npy"
@@ -87,7 +87,7 @@ def draws(seeds: int, resamples: int) -> list[np.ndarray]:
 
 def judged(images: np.ndarray, rows: list[np.ndarray], real_features: np.ndarray) -> dict:
     """Accuracy and digits FID of ``images`` for each set of rows."""
-    from dq_export.reference import judge
+    from dq_export.evaluation.reference import judge
 
     labels = np.tile(np.arange(DIGITS), len(images) // DIGITS)
     pil = list(_pil(images))
@@ -100,7 +100,7 @@ def judged(images: np.ndarray, rows: list[np.ndarray], real_features: np.ndarray
 
 def image_psnr(images: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """PSNR of every image against FP32's image of the same seed and digit."""
-    from dq_export.image_metrics import psnr
+    from dq_export.evaluation.image_metrics import psnr
 
     return np.array([psnr(a, b) for a, b in zip(reference, images)])
 
@@ -121,8 +121,8 @@ def scores(images: np.ndarray, reference: np.ndarray, own: dict, fp32: dict,
            rows: list[np.ndarray]) -> dict:
     """Estimates with intervals, differences from FP32 on the same resamples, and the
     images' PSNR (with its interval) and SSIM against FP32's images of the same seeds."""
-    from dq_export.image_metrics import ssim
-    from dq_export.reference import judge
+    from dq_export.evaluation.image_metrics import ssim
+    from dq_export.evaluation.reference import judge
 
     result = {"accuracy": _estimate(own["accuracy"]),
               # resampling duplicates images, which inflates FID: no interval on FID itself,
@@ -156,8 +156,8 @@ def _pil(array: np.ndarray):
 
 def fidelity(pipes: dict, scheduler: str, steps: int, seeds: int) -> dict:
     """Per-step relative MSE and distortion of every export along FP32's trajectories."""
-    from dq_export.fidelity import METRICS, trajectory_errors
-    from dq_export.reference.digits import CANONICAL
+    from dq_export.evaluation.fidelity import METRICS, trajectory_errors
+    from dq_export.evaluation.reference.digits import CANONICAL
 
     (_, reference), others = next(iter(pipes.items())), dict(list(pipes.items())[1:])
     prompts = [CANONICAL.format(d=d) for d in range(DIGITS)] * seeds
@@ -241,7 +241,7 @@ def sample_grid(images: dict[str, np.ndarray], seeds: int, path: Path) -> None:
     """Rows: exports (label at the left); columns: digits 0-9 of the first ``seeds`` seeds."""
     from PIL import Image, ImageDraw
 
-    from dq_export.reference.evaluate import grid
+    from dq_export.evaluation.reference.evaluate import grid
 
     width = 110
     rows = []
@@ -259,8 +259,8 @@ def sample_grid(images: dict[str, np.ndarray], seeds: int, path: Path) -> None:
 
 def run(pipes: dict, scheduler: str, steps: int, args) -> tuple[dict, dict]:
     """One scheduler: every export's samples, scores and per-step fidelity."""
-    from dq_export.reference import judge
-    from dq_export.reference.digits import load_split
+    from dq_export.evaluation.reference import judge
+    from dq_export.evaluation.reference.digits import load_split
 
     real = judge.features(load_split().test_images)
     rows = draws(args.seeds, args.resamples)

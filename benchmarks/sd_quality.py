@@ -212,7 +212,7 @@ def clip_scores(model, processor, prompts: list[str], paths: list[Path],
     import torch
     from tqdm import tqdm
 
-    from dq_export.image_metrics import clip_score
+    from dq_export.evaluation.image_metrics import clip_score
 
     max_length = model.config.text_config.max_position_embeddings
     scores = []
@@ -236,7 +236,7 @@ def evaluate(args, exports: dict, prompts: list[str], reference_files: list[Path
     """Generate, then score every export; returns results.json's content and the images."""
     from transformers import CLIPModel
 
-    from dq_export.image_metrics import fid, psnr, ssim
+    from dq_export.evaluation.image_metrics import fid, psnr, ssim
 
     settings = {"steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance,
                 "seed": args.seed}
@@ -277,7 +277,7 @@ def evaluate(args, exports: dict, prompts: list[str], reference_files: list[Path
 def write_outputs(out: Path, results: dict, images: dict[str, list[Path]], columns: int) -> None:
     from PIL import Image
 
-    from dq_export.reference.evaluate import grid
+    from dq_export.evaluation.reference.evaluate import grid
 
     columns = min(columns, len(results["prompts"]))
     rows = [Image.open(p).convert("RGB") for paths in images.values() for p in paths[:columns]]

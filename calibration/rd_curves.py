@@ -4,9 +4,10 @@ Algorithm 1), measured on the network output.
 For every quantized layer and group, the torch UNet runs on that group's calibration inputs
 with only that layer quantized, all else float: its weights at 8 bits (and 4 for a Linear),
 then its input at int8 with the group's fitted scale (the step's own on the time-embedding
-path). Each point's distortion is the paper's MSE + SSIM term (``dq_export.fidelity``), per
-sample, averaged over the group's inputs. Weights and inputs get separate curves, as in the
-paper, and the allocation adds them (property 1; ``benchmarks/additivity.py`` checks it).
+path). Each point's distortion is the paper's MSE + SSIM term
+(``dq_export.evaluation.fidelity``), per sample, averaged over the group's inputs. Weights
+and inputs get separate curves, as in the paper, and the allocation adds them (property 1;
+``benchmarks/additivity.py`` checks it).
 Rates follow from the layer's size (``calibration.allocation``), so only distortions are
 measured here, and cached as JSON beside the calibration data.
 """
@@ -61,7 +62,7 @@ def layer_kind(module) -> str:
 
 def output_distortion(reference: np.ndarray, output: np.ndarray) -> float:
     """Mean over samples of relative MSE + (1 - SSIM) of one sample's output."""
-    from dq_export.fidelity import distortion
+    from dq_export.evaluation.fidelity import distortion
 
     return float(np.mean([distortion(r, o) for r, o in zip(reference, output)]))
 

@@ -18,7 +18,7 @@ from test_pipeline import PROMPT
 from deploy import Pipeline
 from deploy.genai import GENAI_SCHEDULERS, genai_pipeline
 from deploy.pipeline import StepTable
-from dq_export.image_metrics import psnr
+from dq_export.evaluation.image_metrics import psnr
 from dq_export.graph.qdq import STEP_INDEX
 
 og = pytest.importorskip("openvino_genai")

@@ -1,9 +1,10 @@
-"""dq_export.image_metrics against values worked out by hand and, where installed, skimage."""
+"""dq_export.evaluation.image_metrics against values worked out by hand and, where installed,
+skimage."""
 
 import numpy as np
 import pytest
 
-from dq_export.image_metrics import clip_score, fid, frechet_distance, psnr, ssim
+from dq_export.evaluation.image_metrics import clip_score, fid, frechet_distance, psnr, ssim
 
 # SSIM of RAMP against RAMP + 10, from skimage 0.26.0's structural_similarity(
 # gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=255)

@@ -1,4 +1,4 @@
-"""Fidelity metrics (dq_export.fidelity) and the quality benchmark on tiny exports."""
+"""Fidelity metrics (dq_export.evaluation.fidelity) and the quality benchmark on tiny exports."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from dq_export.errors import UserError
-from dq_export.fidelity import distortion, global_ssim, relative_error, relative_mse
+from dq_export.evaluation.fidelity import distortion, global_ssim, relative_error, relative_mse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import quality  # noqa: E402  (a script in benchmarks/)
@@ -46,7 +46,7 @@ def test_distortion_weighs_a_bias_that_mse_does_not():
 
 def test_trajectory_errors_zero_against_itself_and_positive_for_int8(tiny_export, tiny_w8a8):
     from deploy import Pipeline
-    from dq_export.fidelity import trajectory_errors
+    from dq_export.evaluation.fidelity import trajectory_errors
 
     fp32, again, int8 = (Pipeline.load(d, batch_size=2) for d in (tiny_export, tiny_export,
                                                                     tiny_w8a8))

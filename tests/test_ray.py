@@ -165,7 +165,7 @@ def test_calibration_on_two_ray_workers_is_bit_identical_to_the_sequential_run(c
 def test_digits_sharded_over_ray_are_the_images_of_one_process(cluster, tiny_export):
     """benchmarks/quality.py --ray: seeds split over two tasks give the same pixels."""
     from deploy import Pipeline
-    from dq_export.reference.evaluate import generate_digits, generate_digits_on_ray
+    from dq_export.evaluation.reference.evaluate import generate_digits, generate_digits_on_ray
 
     pipe = Pipeline.load(tiny_export, batch_size=10, verify=False)
     here, labels = generate_digits(pipe, range(3), steps=2, scheduler="ddim")

@@ -7,8 +7,8 @@ OpenVINO's pipeline, and asks the judge whether "a handwritten digit D" came out
 import numpy as np
 import pytest
 
-from dq_export.reference import judge
-from dq_export.reference.digits import load_split
+from dq_export.evaluation.reference import judge
+from dq_export.evaluation.reference.digits import load_split
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_trained_tiny_sd_draws_the_digit_asked_for(tmp_path):
     from deploy import Pipeline
     from dq_export.export import export
     from dq_export.recipe import Recipe
-    from dq_export.reference.evaluate import generate_digits, score
+    from dq_export.evaluation.reference.evaluate import generate_digits, score
 
     manifest = export("tiny-sd", tmp_path / "ref", Recipe(bits="fp32"), init="pretrained")
     assert manifest["model"]["init"] == "pretrained"

@@ -125,7 +125,7 @@ def test_quality_of_two_exports_end_to_end(inputs, tiny_export, tiny_w8a8, tmp_p
 
 
 def test_fid_of_a_folder_against_itself_is_zero(inputs):
-    from dq_export.image_metrics import fid
+    from dq_export.evaluation.image_metrics import fid
 
     extractor = sd_quality.load_inception(inputs["inception"])
     files = sd_quality.image_files(inputs["references"])

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dq_export.image_metrics import fid as digits_fid  # the FID formula, on judge features
+# the FID formula, on judge features
+from dq_export.evaluation.image_metrics import fid as digits_fid
 
 WEIGHTS = Path(__file__).parent / "judge.safetensors"
 FEATURES = 64

@@ -1,6 +1,6 @@
 """Train tiny-sd on the digits' train split; its committed weights are this script's output.
 
-    python -m dq_export.reference.train_tiny_sd --out dq_export/models/tiny-sd
+    python -m dq_export.evaluation.reference.train_tiny_sd --out dq_export/models/tiny-sd
 
 Seeded, on the architecture of the committed configs (which it leaves as they are: only
 weight files are written). Three stages, each with a progress bar:
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dq_export.reference.digits import all_captions, load_split
+from dq_export.evaluation.reference.digits import all_captions, load_split
 from dq_export.registry import REGISTRY
 
 CONFIG_DIR = REGISTRY["tiny-sd"].config_dir
@@ -246,7 +246,8 @@ def train(out: Path, seed: int, vae_steps: int, vae_batch: int, unet_steps: int,
     for name in ("unet", "text_encoder", "vae"):
         save_weights(getattr(parts, name), out / name)
     report = {
-        "command": "python -m dq_export.reference.train_tiny_sd " + " ".join(sys.argv[1:]),
+        "command": ("python -m dq_export.evaluation.reference.train_tiny_sd "
+                    + " ".join(sys.argv[1:])),
         "seed": seed, "train_digits": len(images), "held_out_digits": len(split.test_labels),
         "vae": {"steps": vae_steps, "batch": vae_batch, "final_mse": round(vae_mse, 5)},
         "text_encoder": {"steps": TEXT_STEPS, "caption_accuracy": text_accuracy},

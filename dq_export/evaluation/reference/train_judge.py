@@ -1,6 +1,6 @@
 """Train the judge (``judge.py``) on the digits' train split and report held-out accuracy.
 
-    python -m dq_export.reference.train_judge            # writes judge.safetensors
+    python -m dq_export.evaluation.reference.train_judge  # writes judge.safetensors
 
 Seeded; seconds on 2 cores. Shifts, contrast and noise in training make it judge generated
 digits, which are never quite centred or clean, as it judges real ones.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dq_export.reference import judge
-from dq_export.reference.digits import load_split
+from dq_export.evaluation.reference import judge
+from dq_export.evaluation.reference.digits import load_split
 
 
 def augment(x, generator):

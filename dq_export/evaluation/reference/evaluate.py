@@ -1,6 +1,6 @@
 """Score an export of tiny-sd with the judge: does "a handwritten digit D" draw a D?
 
-    python -m dq_export.reference.evaluate EXPORT_DIR --seeds 10 --steps 20 \
+    python -m dq_export.evaluation.reference.evaluate EXPORT_DIR --seeds 10 --steps 20 \
         --grid benchmarks/results/reference_samples.png
 
 Generates every digit for each seed through the OpenVINO pipeline (deploy.Pipeline), then
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dq_export.reference import judge
-from dq_export.reference.digits import CANONICAL, load_split
+from dq_export.evaluation.reference import judge
+from dq_export.evaluation.reference.digits import CANONICAL, load_split
 
 
 def generate_digits(pipeline, seeds, steps: int = 20, scheduler: str = "pndm",

@@ -1,0 +1,1 @@
+"""Evaluation of exports: per-step fidelity, image metrics, and the reference model's judge."""
