@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 PROMPTS_FILE = Path(__file__).parent / "prompts.txt"
 CACHE_ENV = "DQ_EXPORT_CACHE"
+FINAL_LATENTS = "final_latents"  # the sampler's output, one row per image of the batch
+PER_ROW = ("encoder_hidden_states", FINAL_LATENTS)  # cached per batch row, not per step
 
 
 @dataclass(frozen=True)
@@ -231,11 +233,13 @@ def run_batch(components, job: BatchJob, b: int, stats: StepStatistics,
             batch = job.prompts[b * settings.batch_size:][:size]
             embeddings = np.concatenate([_encode(components, [""] * size),
                                          _encode(components, batch)])
-        run_sampler(recorder, embeddings, settings.scheduler, components.scheduler_config,
-                    settings.steps, (size, components.latent_channels, job.latent, job.latent),
-                    settings.seed + b, settings.guidance if job.prompts is not None else None,
-                    settings.eta, progress=progress)
-    return _inputs(recorder, embeddings)
+        final, _ = run_sampler(recorder, embeddings, settings.scheduler,
+                               components.scheduler_config, settings.steps,
+                               (size, components.latent_channels, job.latent, job.latent),
+                               settings.seed + b,
+                               settings.guidance if job.prompts is not None else None,
+                               settings.eta, progress=progress)
+    return _inputs(recorder, embeddings, final)
 
 
 def replay_statistics(unet, cache_dir: Path, timesteps: list[int], batches: int,
@@ -293,13 +297,15 @@ def _encode(components, prompts: list[str]) -> np.ndarray:
         return components.text_encoder(ids)[0].numpy()
 
 
-def _inputs(recorder: TrajectoryRecorder, embeddings: np.ndarray | None) -> dict:
+def _inputs(recorder: TrajectoryRecorder, embeddings: np.ndarray | None,
+            final: np.ndarray) -> dict:
     """The UNet inputs of one batch at its calibrated steps (for NNCF and fidelity checks),
-    and the FP32 UNet's outputs on them (what the feature cache's schedule is measured
-    against)."""
+    the FP32 UNet's outputs on them (what the feature cache's schedule is measured
+    against), and the sampler's final latents (what the VAE decoder is calibrated on)."""
     tensors = {"sample": np.stack(recorder.samples).astype(np.float32),
                "timestep": np.asarray(recorder.timesteps, dtype=np.float32),
-               "noise_pred": np.stack(recorder.outputs).astype(np.float32)}
+               "noise_pred": np.stack(recorder.outputs).astype(np.float32),
+               FINAL_LATENTS: np.asarray(final, np.float32)}
     if embeddings is not None:
         tensors["encoder_hidden_states"] = embeddings.astype(np.float32)
     return tensors
@@ -316,7 +322,8 @@ def _save_inputs(path: Path, tensors: dict[str, np.ndarray]) -> None:
 def load_trajectories(cache_dir: Path) -> list[dict[str, np.ndarray]]:
     """Every cached batch as arrays over its calibrated steps: ``sample`` [steps, rows, ...],
     ``timestep`` [steps], ``noise_pred`` (the FP32 output, absent in caches made before it
-    was recorded) and, for a text-to-image model, ``encoder_hidden_states`` [rows, ...]."""
+    was recorded) and, for a text-to-image model, ``encoder_hidden_states`` [rows, ...];
+    and ``final_latents`` [images, ...] (absent in caches made before it was recorded)."""
     from safetensors.numpy import load_file
 
     return [read_cached(path, lambda p: load_file(str(p)))
@@ -337,3 +344,14 @@ def load_inputs(cache_dir: Path, batches: int | None = None) -> list[dict[str, n
             calls.append({"sample": sample, "timestep": np.full(len(sample), t, np.float32),
                           **text})
     return calls
+
+
+def load_final_latents(cache_dir: Path) -> np.ndarray:
+    """The final latents of every cached trajectory, [images, C, h, w] (the scheduler's
+    latents, before the decoder's scaling). A cache made before they were recorded is a
+    one-line error: its trajectories would have to be sampled again anyway."""
+    batches = load_trajectories(cache_dir)
+    if not batches or any(FINAL_LATENTS not in batch for batch in batches):
+        raise UserError(f"calibration cache {cache_dir} has no final latents (made by an older "
+                        f"dq-export): delete it to calibrate again for --vae int8")
+    return np.concatenate([batch[FINAL_LATENTS] for batch in batches])

@@ -78,9 +78,11 @@ class StepStatistics:
         return stats, metadata
 
 
-def statistic_keys(unet) -> list[str]:
-    """Every layer input quantizer, then every attention's q, k, v and softmax output p."""
-    splits = shortcut_splits(unet)
+def statistic_keys(unet, splits: dict[str, int] | None = None) -> list[str]:
+    """Every layer input quantizer, then every attention's q, k, v and softmax output p.
+    ``splits``: the split shortcuts (None: the UNet's; {} for a model without skip
+    concatenations, such as a VAE decoder)."""
+    splits = shortcut_splits(unet) if splits is None else splits
     return ([key for name in quantized_layers(unet) for key in activation_keys(name, splits)]
             + [key for name in attention_modules(unet) for key in attention_keys(name)])
 
@@ -101,15 +103,16 @@ def softmax_sample(q, k, heads: int, scale: float, rows: int = SOFTMAX_ROWS):
 
 
 @contextmanager
-def recording(unet, stats: StepStatistics, current_step):
+def recording(unet, stats: StepStatistics, current_step, splits: dict[str, int] | None = None):
     """Hooks adding to ``stats`` at ``current_step()`` each quantized layer's input, each
     attention's q, k, v (the outputs of its projections) and its softmax output p, from a
     sample of query rows (``softmax_sample``).
 
     ``current_step()`` returns the calibrated step index, or None to record nothing. A
-    non-finite input stops calibration with the layer and step named.
+    non-finite input stops calibration with the layer and step named. ``splits`` as in
+    ``statistic_keys``.
     """
-    splits = shortcut_splits(unet)
+    splits = shortcut_splits(unet) if splits is None else splits
 
     def add(keys, parts):
         step = current_step()

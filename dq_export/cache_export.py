@@ -19,6 +19,7 @@ import numpy as np
 
 from calibration.cache_schedule import (dp_full_steps, max_gap, schedule_error,
                                         uniform_full_steps)
+from calibration.collect import PER_ROW
 from deploy.feature_cache import FEATURE
 from dq_export.errors import UserError
 
@@ -51,7 +52,7 @@ def calibrated_calls(batch: dict, timesteps: list[int]) -> dict:
     twice at its second timestep, and the first of the two is the step's."""
     recorded = [int(round(float(t))) for t in batch["timestep"]]
     keep = [recorded.index(t) for t in timesteps]
-    return {name: values if name == "encoder_hidden_states" else values[keep]
+    return {name: values if name in PER_ROW else values[keep]
             for name, values in batch.items()}
 
 

@@ -90,6 +90,8 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
     recipe.check()
     layout = model_layout(model)  # an unknown model fails here, before any heavy work
     genai = check_requested(genai, layout.conditional, model)
+    if recipe.vae == "int8" and layout.decoder is None:
+        raise UserError(f"{model} samples pixels and has no VAE decoder: drop --vae int8")
     if prompts is not None:
         if not layout.conditional:
             raise UserError(f"{model} is an unconditional model: it takes no --prompts")
@@ -154,7 +156,8 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     fits = recipe.activations_quantized and recipe.method == "dq"
     parts = 1 + layout.conditional + (layout.decoder is not None) + recipe.cache
     stage = StageLog(total=2 + 2 * parts + calibrates + fits + recipe.quantized + recipe.cache
-                     + (recipe.target_cpu == "auto") + (recipe.budget is not None))
+                     + (recipe.target_cpu == "auto") + (recipe.budget is not None)
+                     + (recipe.vae == "int8"))
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
     if recipe.budget is not None:  # a size no allocation reaches fails before calibration
@@ -188,6 +191,9 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
             params = params.restricted_attention(recipe.attention)
     onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
                                    stage, recipe.cache_branch if recipe.cache else None)
+    decoder = None
+    if recipe.vae == "int8":
+        decoder = _quantize_decoder(components, onnx_paths, root, recipe, summary, stage)
     graphs = dict(onnx_paths)  # what becomes each component's IR
     unets = [name for name in onnx_paths if name.startswith("unet")]  # + unet_shallow (--cache)
     unet_onnx = {name: [onnx_paths[name]] for name in unets}
@@ -285,7 +291,11 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
             body["components"]["unet"].update(
                 openvino=f"unet/{OWN_UNET_XML}", weights=f"unet/{MODEL_BIN}")
         if components.vae is not None:
-            body["components"]["vae_decoder"]["autoencoder"] = type(components.vae).__name__
+            from dq_export.graph.quantize_vae import decoder_form
+
+            body["components"]["vae_decoder"].update(
+                autoencoder=type(components.vae).__name__,
+                **(decoder or {"form": decoder_form(recipe)}))
         if recipe.text_encoder_int8 and components.conditional:  # the IR's weights only
             body["components"]["text_encoder"]["openvino_weights"] = INT8_WEIGHTS
         if recipe.quantized:
@@ -331,6 +341,21 @@ def _profile_target_cpu(components, fp32_unet: Path, root: Path, recipe: Recipe,
     finally:
         _remove_graph(int8_unet)
         _remove_graph(chosen_unet)
+
+
+def _quantize_decoder(components, onnx_paths: dict, root: Path, recipe: Recipe,
+                      summary: dict, stage: StageLog) -> dict:
+    """``--vae int8``: the QDQ decoder graph replaces the FP32 one in ``onnx_paths``;
+    returns the manifest's account of it."""
+    from calibration.collect import load_final_latents
+    from dq_export.graph.quantize_vae import quantize_decoder
+
+    with stage("VAE decoder: int8 scales from the final latents, QDQ graph"):
+        fp32 = onnx_paths["vae_decoder"]
+        onnx_paths["vae_decoder"], entry = quantize_decoder(
+            components, fp32, root, recipe, load_final_latents(summary["cache_dir"]))
+        _remove_graph(fp32)
+    return entry
 
 
 def _remove_graph(path: Path) -> None:

@@ -13,7 +13,7 @@ from calibration.groups import GROUP_SPLITS
 from deploy.schedulers import SCHEDULERS
 from dq_export.errors import UserError
 
-RECIPE_VERSION = 3  # 3: the feature cache; 2: attention, asymmetric_activations
+RECIPE_VERSION = 4  # 4: vae; 3: the feature cache; 2: attention, asymmetric_activations
 
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 METHODS = ("dq", "nncf")
@@ -22,6 +22,7 @@ TARGET_CPUS = ("none", "auto")
 # int8: q, k, v and a uint8 softmax output, attention fully in int8
 ATTENTIONS = ("float", "qkv", "int8")
 TEXT_ENCODER_WEIGHTS = ("fp32", "int8")
+VAES = ("fp32", "int8")  # the VAE decoder: as the model, or W8A8 on the final latents
 # int8 weights in 8 bits (full) or 7 (half: exact on CPUs without VNNI); auto: the exporting CPU's
 WEIGHT_RANGES = ("auto", "full", "half")
 # The smallest calibration that still fits 4 groups: the tests' and benchmarks' tiny-sd W8A8
@@ -45,6 +46,7 @@ class Recipe:
     asymmetric_activations: bool = True  # uint8 + zero point for signed layer inputs
     target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
     text_encoder_weights: str | None = None  # None: int8 for integer recipes, else fp32
+    vae: str = "fp32"  # int8: the VAE decoder in W8A8, calibrated on the final latents
     weight_range: str = "auto"  # int8 weights' range (WEIGHT_RANGES); the export resolves auto
     budget: str | None = None  # mixed precision under "size=...,latency=..." (rate-distortion)
     # deep-feature cache (DeepCache): a full and a shallow UNet, and which steps run in full
@@ -99,7 +101,7 @@ class Recipe:
         choices = {"bits": BITS, "method": METHODS, "estimator": ESTIMATORS,
                    "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS,
                    "target_cpu": TARGET_CPUS, "text_encoder_weights": TEXT_ENCODER_WEIGHTS,
-                   "attention": ATTENTIONS, "weight_range": WEIGHT_RANGES}
+                   "attention": ATTENTIONS, "weight_range": WEIGHT_RANGES, "vae": VAES}
         for name, valid in choices.items():
             optional = name in ("calib_scheduler", "text_encoder_weights")
             if getattr(self, name) not in valid and not (optional and getattr(self, name) is None):
@@ -114,6 +116,10 @@ class Recipe:
         if self.method == "nncf" and self.bits != "w8a8":
             raise UserError("--method nncf exports W8A8 only (OpenVINO's own post-training "
                             "quantization): use --bits w8a8")
+        if self.vae == "int8" and not self.activations_quantized:
+            raise UserError(f"--vae int8 fits the decoder's activation scales on the "
+                            f"calibration of an int8-activation recipe, and --bits {self.bits} "
+                            "has none: use --bits w8a8 or w4a8, or --vae fp32")
         if self.target_cpu != "none" and not (self.activations_quantized
                                               and self.method == "dq"):
             raise UserError("--target-cpu chooses int8 activations per layer: it needs "
