@@ -31,6 +31,9 @@ def test_help_is_instant_and_lists_models():
     (["--bits", "int3"], "not supported"),
     (["--bits", "w4a4"], "activations below 8 bits"),
     (["--size", "63"], "multiple of 8"),
+    (["--bits", "fp32", "--vae", "int8"], "--vae int8 fits the decoder's activation scales"),
+    (["--bits", "w8a8", "--vae", "int4"], "vae 'int4' is not valid"),
+    (["--model", "ddpm-cifar10", "--bits", "w8a8", "--vae", "int8"], "has no VAE decoder"),
 ])
 def test_dq_export_bad_input(tmp_path, args, expected):
     assert_one_line_error(run("dq_export.cli", *args, "--out", str(tmp_path / "x")), expected)
