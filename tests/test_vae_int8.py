@@ -15,7 +15,8 @@ from dq_export.manifest import read_manifest
 from dq_export.recipe import TINY_CALIBRATION
 
 # Measured on tiny-sd with seeded random weights (4 prompts x 10 PNDM steps of calibration),
-# W8A8 UNet, 10 steps, 64x64: 41.4-45.0 dB for seeds 0-2 on two prompts; margin ~6 dB.
+# W8A8 UNet, 10 steps, 64x64: 41.4-45.1 dB for seeds 0-2 on two prompts (42.8 dB for the
+# one asserted here); margin ~6 dB. The trained tiny-sd: 50.3-51.7 dB (30 images).
 MIN_PSNR_VS_FP32_DECODER = 35.0
 
 
@@ -38,11 +39,10 @@ def test_int8_decoder_export_generates_close_to_the_fp32_decoder(int8_vae, tiny_
     assert {decoder["onnx"], decoder["quantization"]["params"]} <= set(manifest["files"])
     assert read_manifest(tiny_w8a8)["components"]["vae_decoder"]["form"] == "fp32"
     int8, fp32 = Pipeline.load(int8_vae), Pipeline.load(tiny_w8a8)
-    for seed in (0, 1):
-        a, b = (np.asarray(p.generate("a handwritten digit 7", steps=10, seed=seed).images[0])
-                for p in (int8, fp32))
-        print(f"tiny-sd int8 vs fp32 VAE decoder, seed {seed}: PSNR {psnr(a, b):.1f} dB")
-        assert MIN_PSNR_VS_FP32_DECODER < psnr(a, b) < float("inf")
+    a, b = (np.asarray(p.generate("a handwritten digit 7", steps=10, seed=0).images[0])
+            for p in (int8, fp32))
+    print(f"tiny-sd int8 vs fp32 VAE decoder, seed 0: PSNR {psnr(a, b):.1f} dB")
+    assert MIN_PSNR_VS_FP32_DECODER < psnr(a, b) < float("inf")
 
 
 def test_int8_decoder_runs_every_convolution_on_int8(int8_vae):
@@ -76,3 +76,22 @@ def test_a_cache_without_final_latents_is_a_one_line_error(tmp_path):
     with pytest.raises(UserError, match="no final latents .* delete it to calibrate again") as e:
         load_final_latents(tmp_path)
     assert "\n" not in str(e.value)
+
+
+def test_onnx_runtime_runs_the_qdq_graph_as_openvino_runs_the_ir(int8_vae):
+    """The portable artifact: on the latents it was calibrated on, ONNX Runtime's run of the
+    QDQ graph agrees with OpenVINO's int8 IR up to rounding (measured 2.3 % relative, where
+    each is 3.4 % from the FP32 decoder; 0.6 % and 0.8 % on the trained tiny-sd)."""
+    import onnxruntime as ort
+
+    manifest = read_manifest(int8_vae, verify=False)
+    latents = load_final_latents(manifest["quantization"]["calibration"]["cache_dir"])[:2]
+    latents = (latents / manifest["image"]["latent_scaling"]).astype(np.float32)
+    session = ort.InferenceSession(str(int8_vae / "onnx" / "vae_decoder_qdq.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    portable = session.run(None, {"latent_sample": latents})[0]
+    core = ov.Core()
+    ir = core.read_model(int8_vae / "vae_decoder" / "openvino_model.xml")
+    ir.reshape({0: ov.PartialShape(list(latents.shape))})
+    compiled = core.compile_model(ir, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(latents)[0]
+    assert np.linalg.norm(portable - compiled) / np.linalg.norm(compiled) < 0.05
