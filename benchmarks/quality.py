@@ -42,16 +42,19 @@ DURATION = ("Time on 2 cores: each export's 300 PNDM-50 samples (--seeds 30) tak
 
 
 def load_exports(items: list[str]) -> dict:
-    """LABEL=DIR -> Pipelines compiled for ten prompts; the FP32 export, the reference
-    every export is compared with, first."""
+    """LABEL=DIR -> Pipelines compiled for ten prompts; the FP32 export without a feature
+    cache, the reference every export is compared with, first (an FP32 export with a cache
+    is a row like any other)."""
     from deploy import Pipeline
 
     pipes = {label: Pipeline.load(path, batch_size=DIGITS, verify=False)
              for label, path in parse_exports(items).items()}
-    fp32 = [k for k, p in pipes.items() if p.manifest["recipe"]["bits"] == "fp32"]
+    fp32 = [k for k, p in pipes.items()
+            if p.manifest["recipe"]["bits"] == "fp32" and p.cache is None]
     if len(fp32) != 1:
-        raise UserError(f"{len(fp32)} FP32 exports among {list(pipes)}: give exactly one "
-                        "(dq-export --bits fp32), the reference every export is compared with")
+        raise UserError(f"{len(fp32)} uncached FP32 exports among {list(pipes)}: give exactly "
+                        "one (dq-export --bits fp32), the reference every export is compared "
+                        "with")
     return {fp32[0]: pipes.pop(fp32[0]), **pipes}
 
 

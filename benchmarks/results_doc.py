@@ -34,7 +34,8 @@ KINDS = {  # kind -> the script that writes it
     "image_latency": "image_latency.py", "unet_deployment": "unet_deployment.py",
     "model_zoo": "model_zoo.py", "mixed_form": "mixed_form.py",
     "noise_fidelity": "noise_fidelity.py", "quality": "quality.py",
-    "additivity": "additivity.py", "cache_curve": "cache_curve.py", "load_test": "load_test.py"}
+    "additivity": "additivity.py", "cache_curve": "cache_curve.py", "load_test": "load_test.py",
+    "genai_runtime": "genai_runtime.py", "genai_parity": "genai_parity.py"}
 
 
 def kind(results: dict) -> str | None:
@@ -47,7 +48,9 @@ def kind(results: dict) -> str | None:
               ("noise_fidelity", "per_step_mean" in results), ("quality", "runs" in results),
               ("additivity", "ratio_joint_to_sum" in results),
               ("cache_curve", "calibrated_steps" in results),
-              ("load_test", "levels" in results or "configs" in results))
+              ("load_test", "levels" in results or "configs" in results),
+              ("genai_runtime", "sizes" in results and "scheduler" in results),
+              ("genai_parity", "judge_accuracy" in first))
     return next((name for name, hit in checks if hit), None)
 
 
@@ -167,10 +170,26 @@ def load_test(results: dict) -> str:
             + markdown_table(head, rows))
 
 
+def genai_runtime(results: dict) -> str:
+    from genai_runtime import table
+
+    return (f"{results['export']}, {results['scheduler']}, {results['repeats']} timed image(s) "
+            "per runtime and size, static shapes, LATENCY hint:\n\n" + table(results))
+
+
+def genai_parity(results: dict) -> str:
+    from genai_parity import table
+
+    return (f"trained tiny-sd, digits 0-9, {results['steps']} steps, guidance "
+            f"{results['guidance']}, seed {results['seed']}, one prompt per call:\n\n"
+            + table(results))
+
+
 RENDERERS = {"image_latency": image_latency, "unet_deployment": unet_deployment,
              "model_zoo": model_zoo, "mixed_form": mixed_form,
              "noise_fidelity": noise_fidelity, "quality": quality, "additivity": additivity,
-             "cache_curve": cache_curve, "load_test": load_test}
+             "cache_curve": cache_curve, "load_test": load_test, "genai_runtime": genai_runtime,
+             "genai_parity": genai_parity}
 
 
 def anchor(heading: str) -> str:

@@ -145,10 +145,9 @@ def collect(components, settings: CalibrationSettings, prompts: list[str] | None
 
     One export at a time fills a cache: a second one waits, then resumes from what the first
     wrote. A full disk is a one-line error that keeps the batches already checkpointed."""
-    if cache_dir is None:
-        chosen = choose_prompts(prompts, settings) if components.conditional else None
-        cache_dir = default_cache_dir(cache_identity(components, settings, chosen, image_size))
-    cache_dir = make_folder(cache_dir, "--calibration-dir")
+    chosen = choose_prompts(prompts, settings) if components.conditional else None
+    identity = cache_identity(components, settings, chosen, image_size)
+    cache_dir = make_folder(cache_dir or default_cache_dir(identity), "--calibration-dir")
 
     def busy(holder: str) -> None:
         log.warning("waiting for another dq-export (pid %s) to finish with the calibration "
@@ -156,7 +155,8 @@ def collect(components, settings: CalibrationSettings, prompts: list[str] | None
 
     with exclusive(cache_dir / ".lock", busy):
         try:
-            return _collect(components, settings, prompts, image_size, cache_dir, progress, ray)
+            return _collect(components, settings, chosen, identity, image_size, cache_dir,
+                            progress, ray)
         except Exception as e:
             if not is_disk_full(e, cache_dir):
                 raise
@@ -165,14 +165,13 @@ def collect(components, settings: CalibrationSettings, prompts: list[str] | None
                                   "run resumes from them") from e
 
 
-def _collect(components, settings: CalibrationSettings, prompts: list[str] | None,
-             image_size: int, cache_dir: Path, progress: bool,
+def _collect(components, settings: CalibrationSettings, chosen: list[str] | None,
+             identity: dict, image_size: int, cache_dir: Path, progress: bool,
              ray: str | None) -> tuple[StepStatistics, dict]:
-    """``collect`` into a cache folder that exists and is held."""
+    """``collect`` into a cache folder that exists and is held, for the ``chosen`` prompts
+    (None: an unconditional model) and the cache ``identity`` they make."""
     from tqdm.auto import tqdm
 
-    chosen = choose_prompts(prompts, settings) if components.conditional else None
-    identity = cache_identity(components, settings, chosen, image_size)
     open_cache(cache_dir, identity)
     timesteps = calibrated_timesteps(components.scheduler_config, settings)
     checkpoint = cache_dir / "stats.safetensors"

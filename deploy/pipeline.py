@@ -193,8 +193,9 @@ class Pipeline:
     def predict_noise(self, sample: np.ndarray, timestep: float,
                       embeddings: np.ndarray | None = None) -> np.ndarray:
         """One UNet call (the sampler's and the benchmarks'); ``embeddings`` only for a
-        text-to-image export. A quantized UNet also reads the calibrated step's index, which
-        selects its group's scales: one compiled graph serves every group. Not locked: use
+        text-to-image export. A quantized UNet finds its calibrated step, and so its group's
+        scales, from the timestep itself: one compiled graph serves every group (an export
+        made before that reads the step's index as an input, fed here). Not locked: use
         ``generate`` from several threads."""
         return self._run("unet", self._unet_inputs(sample, timestep, embeddings))
 

@@ -48,6 +48,17 @@ def tiny_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_tiny_sd(tmp_path_factory):
+    """The trained reference tiny-sd (its committed weights), exported once to FP32."""
+    from dq_export.export import export
+    from dq_export.recipe import Recipe
+
+    out = tmp_path_factory.mktemp("trained") / "tiny-sd-trained-fp32"
+    export("tiny-sd", out, Recipe(bits="fp32"), init="pretrained")
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_export):
     from deploy import Pipeline
 

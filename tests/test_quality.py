@@ -81,7 +81,7 @@ def test_quality_benchmark_end_to_end(tiny_export, tiny_w8a8, tmp_path):
 
 def test_quality_benchmark_needs_exactly_one_fp32(tiny_w8a8, tmp_path, capsys):
     assert quality.main([f"a={tiny_w8a8}", "--out", str(tmp_path)]) == 2
-    assert "0 FP32 exports" in capsys.readouterr().err
+    assert "0 uncached FP32 exports" in capsys.readouterr().err
     assert quality.main([f"{tiny_w8a8}", "--out", str(tmp_path)]) == 2
     assert "LABEL=EXPORT_DIR" in capsys.readouterr().err
     assert quality.main([f"fp32={tiny_w8a8}", "--schedulers", "pndm", "--out",

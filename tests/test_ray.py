@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -104,6 +105,8 @@ def test_two_replicas_share_16_concurrent_requests(ray_server):
     ok = [r for r in responses if r.status_code == 200]
     assert len(ok) >= 8, [r.status_code for r in responses]  # 2 replicas x a queue of 4
     served_by = {r.headers["x-served-by"] for r in ok}
+    print(f"\n16 concurrent requests: statuses {dict(Counter(r.status_code for r in responses))}"
+          f", images per replica {dict(Counter(r.headers['x-served-by'] for r in ok))}")
     assert served_by == replicas(), served_by  # both replicas, named as Ray names them
     for r in responses:
         if r.status_code == 429:
@@ -124,10 +127,13 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(ray_server):
     assert sum(r.status_code == 500 for r in responses) <= 4
     assert all(answered(r) for r in responses), [(r.status_code, r.text) for r in responses]
     assert any(r.status_code == 200 for r in responses)
-    deadline = time.monotonic() + 90
+    killed_at, deadline = time.monotonic(), time.monotonic() + 90
     while time.monotonic() < deadline and (len(replicas()) < 2 or victim in replicas()):
         time.sleep(0.5)
     after = replicas()
+    print(f"\n12 requests, a replica killed: statuses "
+          f"{dict(Counter(r.status_code for r in responses))}; replaced within "
+          f"{time.monotonic() - killed_at:.1f} s of the requests' end")
     assert len(after) == 2 and victim not in after, after  # Serve started a new one
     fresh = {httpx.get(f"{url}/healthz", timeout=10).headers["x-served-by"] for _ in range(20)}
     assert fresh <= after

@@ -38,14 +38,14 @@ def test_digits_fid_of_samples_approaches_the_gaussians_distance():
     assert judge.digits_fid(a, b) == pytest.approx(expected, rel=0.03)
 
 
-def test_trained_tiny_sd_draws_the_digit_asked_for(tmp_path):
+def test_trained_tiny_sd_draws_the_digit_asked_for(trained_tiny_sd):
+    import json
+
     from deploy import Pipeline
-    from dq_export.export import export
-    from dq_export.recipe import Recipe
     from dq_export.evaluation.reference.evaluate import generate_digits, score
 
-    manifest = export("tiny-sd", tmp_path / "ref", Recipe(bits="fp32"), init="pretrained")
+    manifest = json.loads((trained_tiny_sd / "manifest.json").read_text())
     assert manifest["model"]["init"] == "pretrained"
-    images, labels = generate_digits(Pipeline.load(tmp_path / "ref"), seeds=(0, 1), steps=20)
+    images, labels = generate_digits(Pipeline.load(trained_tiny_sd), seeds=(0, 1), steps=20)
     result = score(images, labels)
     assert result["accuracy"] >= 0.6, result
