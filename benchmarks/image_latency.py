@@ -91,7 +91,7 @@ def _import_runtime(export: str, schedulers: list[str]) -> None:
 
 
 def measure_latency(export: str, label: str, schedulers: list[str], repeats: int,
-                    first_image: str) -> dict:
+                    first_image: str, image_size: int | None = None) -> dict:
     """Child: load + compile, the first image (``first_image``'s sampler), then ``repeats``
     images per sampler."""
     from tqdm import tqdm
@@ -100,7 +100,7 @@ def measure_latency(export: str, label: str, schedulers: list[str], repeats: int
 
     _import_runtime(export, schedulers)
     start = time.perf_counter()
-    pipe = Pipeline.load(export, verify=False)
+    pipe = Pipeline.load(export, verify=False, image_size=_square(image_size))
     load_s = time.perf_counter() - start
     images: dict[str, list] = {spec: [] for spec in schedulers}
     with tqdm(total=1 + repeats * len(schedulers), desc=f"{label}: latency", unit="image",
@@ -117,7 +117,7 @@ def measure_latency(export: str, label: str, schedulers: list[str], repeats: int
 
 
 def measure_throughput(export: str, label: str, batch: int, scheduler: str,
-                       repeats: int) -> dict:
+                       repeats: int, image_size: int | None = None) -> dict:
     """Child: images per minute with the UNet's optimal number of requests in flight."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -125,7 +125,7 @@ def measure_throughput(export: str, label: str, batch: int, scheduler: str,
 
     from deploy import Pipeline
 
-    pipe = Pipeline.load(export, batch_size=batch, verify=False,
+    pipe = Pipeline.load(export, batch_size=batch, verify=False, image_size=_square(image_size),
                          ov_config={"PERFORMANCE_HINT": "THROUGHPUT"})
     workers = [pipe] + [pipe.sibling() for _ in range(pipe.optimal_requests - 1)]
     with tqdm(total=len(workers) * batch * (1 + repeats), unit="image", file=sys.stderr,
@@ -146,13 +146,19 @@ def measure_throughput(export: str, label: str, batch: int, scheduler: str,
             "wall_s": round(wall, 3), "images_per_min": round(60 * images / wall, 2)}
 
 
+def _square(size: int | None) -> tuple[int, int] | None:
+    return None if size is None else (size, size)
+
+
 def measure(kind: str, **task) -> dict:
     return {"latency": measure_latency, "throughput": measure_throughput}[kind](**task)
 
 
 def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,
-              batches: list[int], throughput: str, first_image: str) -> dict[str, dict]:
-    """One latency process per export, then one throughput process per batch size."""
+              batches: list[int], throughput: str, first_image: str,
+              image_size: int | None = None) -> dict[str, dict]:
+    """One latency process per export, then one throughput process per batch size; at
+    ``image_size`` (None: each export's own)."""
     from dq_export.manifest import read_manifest
 
     rows = {}
@@ -160,13 +166,14 @@ def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,
         manifest = read_manifest(root, verify=False)
         quantization = manifest.get("quantization", {})
         print(f"{label}: {root}", file=sys.stderr, flush=True)
-        task = {"export": str(root), "label": label}
+        task = {"export": str(root), "label": label, "image_size": image_size}
         row = {"export": str(root), "model": manifest["model"].get("name") or root.name,
                "init": manifest["model"].get("init"), "bits": manifest["recipe"]["bits"],
                "method": manifest["recipe"]["method"],
                "groups": len(set(quantization["step_to_group"]))
                if "step_to_group" in quantization else None,
-               "image_size": manifest["image"]["height"],
+               "image_size": image_size or manifest["image"]["height"],
+               "exported_size": manifest["image"]["height"],
                "cache": cache_summary(manifest),
                **run_child(__file__, {"kind": "latency", **task, "schedulers": schedulers,
                                       "repeats": repeats, "first_image": first_image},
@@ -309,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-image", help="SAMPLER:STEPS of the untimed first image, which "
                    "pays the first calls' allocations (default: the first of --schedulers; a "
                    "short one, e.g. dpm++:2, saves a full-size run's time)")
+    p.add_argument("--image-size", type=int, help="generate at this side in pixels instead of "
+                   "each export's own (a multiple of 64; the UNet reuses the export's "
+                   "calibration there: for speed, not quality)")
     p.add_argument("--no-throughput", action="store_true",
                    help="latency, memory and size only (a full-size throughput run takes long)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2-step samplers, 1 "
@@ -330,6 +340,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     repeats = args.repeats if args.repeats is not None else quick.get("repeats", 3)
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if args.image_size is not None and (args.image_size < 64 or args.image_size % 64):
+        raise UserError(f"--image-size {args.image_size}: give a multiple of 64, e.g. 256")
     if not args.exports and not args.quick:
         raise UserError("give exports as LABEL=DIR, e.g. fp32=exports/sd14-fp32 (or --quick)")
     args.out = args.out or (QUICK_OUT if args.quick else Path("benchmarks/results/image-latency"))
@@ -337,7 +349,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     make_folder(args.out, "--out")  # before the measurements, not after them
     with tempfile.TemporaryDirectory(prefix="dq-bench-quick-") as tmp:
         exports = exports or quick_exports(Path(tmp))
-        rows = benchmark(exports, schedulers, repeats, batches, throughput, first_image)
+        rows = benchmark(exports, schedulers, repeats, batches, throughput, first_image,
+                         args.image_size)
     ratio = ratios(rows)
     first = next(iter(rows.values()))
     results = {"machine": machine(), "model": first["model"],

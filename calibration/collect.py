@@ -352,5 +352,5 @@ def load_final_latents(cache_dir: Path) -> np.ndarray:
     batches = load_trajectories(cache_dir)
     if not batches or any(FINAL_LATENTS not in batch for batch in batches):
         raise UserError(f"calibration cache {cache_dir} has no final latents (made by an older "
-                        f"dq-export): delete it to calibrate again for --vae int8")
+                        f"dq-export): delete it to calibrate again, or export with --vae fp32")
     return np.concatenate([batch[FINAL_LATENTS] for batch in batches])

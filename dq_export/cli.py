@@ -59,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: profile every layer on this CPU with OpenVINO and keep the "
                         "input in float where int8 is not faster; none: int8 everywhere "
                         "(default none)")
+    q.add_argument("--form", default=d.form,
+                   help="auto: time the UNet with attention qkv/int8, zero points off and the "
+                        "split shortcut off, each alone, on this CPU at the export's size, and "
+                        "keep the fastest whose error on calibration inputs is within 10%% of "
+                        "the flags' form (minutes at 512); flags: the form the flags give "
+                        "(default flags)")
     q.add_argument("--budget", action="append", default=None,
                    help="mixed precision by rate-distortion allocation: size=700MB (UNet "
                         "weights), latency=0.8x (step time vs all-int8 on this CPU), or both; "
@@ -70,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--vae", default=d.vae,
                    help="int8: the VAE decoder in W8A8 (int8 weights and activations), "
                         "calibrated on the final latents of the calibration trajectories; "
-                        "needs --bits w8a8 or w4a8. fp32: as the model. Default fp32 for now: "
-                        "it is to be chosen by measuring speed and fidelity at 512 on sd14")
+                        "needs --bits w8a8 or w4a8. fp32: as the model (default: int8 for "
+                        "text-to-image models at w8a8 or w4a8 with --method dq, else fp32)")
     q.add_argument("--text-encoder-weights", default=None,
                    help="int8: weight-only int8 text encoder (OpenVINO IR); fp32: as the model "
                         "(default: int8 for integer --bits, fp32 otherwise)")
@@ -126,7 +132,7 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
                   estimator=args.estimator, time_tables=args.time_tables,
                   split_shortcut=args.split_shortcut, attention=args.attention,
                   asymmetric_activations=args.asymmetric_activations,
-                  target_cpu=args.target_cpu,
+                  target_cpu=args.target_cpu, form=args.form,
                   text_encoder_weights=args.text_encoder_weights, vae=args.vae,
                   budget=_budget(args.budget),
                   weight_range=args.weight_range,

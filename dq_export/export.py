@@ -106,8 +106,8 @@ def export(model: str, out: Path, recipe: Recipe, init: str = "pretrained",
 
 def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe:
     """The recipe with what it leaves open filled in from the model: the papers' sampler,
-    steps and eta to calibrate for, the calibration size, the text encoder's weights; and
-    from this CPU, the int8 weights' range (``--weight-range auto``)."""
+    steps and eta to calibrate for, the calibration size, the text encoder's weights, the VAE
+    decoder's form; and from this CPU, the int8 weights' range (``--weight-range auto``)."""
     from dq_export.openvino_ir.cpu_isa import weight_range_for_this_cpu
 
     spec = model_defaults(model)
@@ -123,7 +123,18 @@ def with_model_defaults(recipe: Recipe, model: str, conditional: bool) -> Recipe
                    calib_every=recipe.calib_every or spec.calib_every,
                    calib_eta=spec.eta if recipe.calib_eta is None else recipe.calib_eta,
                    text_encoder_weights=(("int8" if recipe.text_encoder_int8 else "fp32")
-                                         if conditional else None))
+                                         if conditional else None),
+                   vae=recipe.vae or default_vae(recipe, conditional))
+
+
+def default_vae(recipe: Recipe, conditional: bool) -> str:
+    """int8 for this project's int8-activation recipes of text-to-image models: on sd14 at
+    512 the W8A8 decoder decodes in about half the FP32 decoder's time, and on the trained
+    tiny-sd it costs the W8A8 pipeline about 0.1 dB (docs/method.md). fp32 otherwise: NNCF's
+    baseline quantizes the UNet only, as optimum-intel does, and the unconditional models'
+    decoders were not measured."""
+    return "int8" if (recipe.activations_quantized and recipe.method == "dq"
+                      and conditional) else "fp32"
 
 
 def check_groups(recipe: Recipe, steps: int) -> None:
@@ -140,7 +151,6 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
                  prompts: Path | None, calibration_dir: Path | None, genai: bool,
                  ray: str | None) -> dict:
     from calibration.collect import collect, load_inputs
-    from calibration.fit import fit
     from dq_export.openvino_ir.genai_layout import MODEL_BIN, OWN_UNET_XML, ir_path, write_layout
     from dq_export.openvino_ir.ir_weights import share_weights
     from dq_export.loading import load_components
@@ -148,7 +158,8 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     from dq_export.openvino_ir.nncf_baseline import quantize_unet_ir
     from dq_export.graph.onnx_export import export_components
     from dq_export.openvino_ir.openvino_convert import INT8_WEIGHTS, convert_to_ir
-    from dq_export.graph.quantize_unet import (calibration_settings, quantization_manifest,
+    from dq_export.graph.quantize_unet import (calibration_settings, fit_params,
+                                               quantization_manifest,
                                                write_group_graphs, write_params,
                                                write_shared_graph)
 
@@ -157,7 +168,7 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     parts = 1 + layout.conditional + (layout.decoder is not None) + recipe.cache
     stage = StageLog(total=2 + 2 * parts + calibrates + fits + recipe.quantized + recipe.cache
                      + (recipe.target_cpu == "auto") + (recipe.budget is not None)
-                     + (recipe.vae == "int8"))
+                     + (recipe.vae == "int8") + (recipe.form == "auto"))
     with stage("load model"):
         components = load_components(model, init, recipe.seed)
     if recipe.budget is not None:  # a size no allocation reaches fails before calibration
@@ -185,10 +196,7 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
                                      size, calibration_dir, ray=ray)
     if fits:
         with stage("fit activation scales per group"):
-            params = fit(stats, summary["calibrated_timesteps"], recipe.groups,
-                         recipe.group_split, recipe.estimator, recipe.time_tables,
-                         recipe.split_shortcut, recipe.asymmetric_activations)
-            params = params.restricted_attention(recipe.attention)
+            params = fit_params(stats, summary["calibrated_timesteps"], recipe)
     onnx_paths = export_components(components, root / "onnx", size // vae_factor, recipe.opset,
                                    stage, recipe.cache_branch if recipe.cache else None)
     decoder = None
@@ -197,6 +205,13 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
     graphs = dict(onnx_paths)  # what becomes each component's IR
     unets = [name for name in onnx_paths if name.startswith("unet")]  # + unet_shallow (--cache)
     unet_onnx = {name: [onnx_paths[name]] for name in unets}
+    form = None
+    if recipe.form == "auto":
+        from dq_export import form_search
+
+        with stage("form search: candidate UNet forms timed on this CPU"):
+            recipe, params, form = form_search.search(components, onnx_paths["unet"], recipe,
+                                                      stats, summary, size // vae_factor)
     target = None
     if recipe.target_cpu == "auto":
         with stage("target CPU: int8 vs FP32 time of every layer"):
@@ -305,6 +320,8 @@ def _export_into(model: str, layout: Layout, root: Path, recipe: Recipe, init: s
                 body["quantization"].update(mixed_export.describe(entry), allocation=entry)
             if params is not None:
                 write_params(root, params)
+            if form is not None:
+                body["quantization"]["form_search"] = form
             if target is not None:
                 (root / TARGET_CPU_FILE).write_text(json.dumps(target, indent=1) + "\n")
                 body["quantization"]["target_cpu"] = {

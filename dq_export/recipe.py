@@ -13,11 +13,14 @@ from calibration.groups import GROUP_SPLITS
 from deploy.schedulers import SCHEDULERS
 from dq_export.errors import UserError
 
-RECIPE_VERSION = 4  # 4: vae; 3: the feature cache; 2: attention, asymmetric_activations
+RECIPE_VERSION = 5  # 5: form; 4: vae; 3: the feature cache; 2: attention, asymmetric_activations
 
 BITS = ("fp32", "fp16", "w8a8", "w8a16", "w4a16", "w4a8")
 METHODS = ("dq", "nncf")
 TARGET_CPUS = ("none", "auto")
+# flags: the UNet form the flags give; auto: the fastest candidate form on the exporting CPU
+# whose fidelity holds (dq_export.form_search)
+FORMS = ("flags", "auto")
 # float: attention products in float; qkv: int8 q, k, v, float softmax output (Q-Diffusion);
 # int8: q, k, v and a uint8 softmax output, attention fully in int8
 ATTENTIONS = ("float", "qkv", "int8")
@@ -45,8 +48,9 @@ class Recipe:
     attention: str = "qkv"  # what of attention's Q.K^T and A.V is int8 (ATTENTIONS)
     asymmetric_activations: bool = True  # uint8 + zero point for signed layer inputs
     target_cpu: str = "none"  # auto: float inputs where int8 is not faster on this CPU
+    form: str = "flags"  # auto: attention, zero points and split chosen by timing (FORMS)
     text_encoder_weights: str | None = None  # None: int8 for integer recipes, else fp32
-    vae: str = "fp32"  # int8: the VAE decoder in W8A8, calibrated on the final latents
+    vae: str | None = None  # int8: the decoder in W8A8 (final latents); None: the default
     weight_range: str = "auto"  # int8 weights' range (WEIGHT_RANGES); the export resolves auto
     budget: str | None = None  # mixed precision under "size=...,latency=..." (rate-distortion)
     # deep-feature cache (DeepCache): a full and a shallow UNet, and which steps run in full
@@ -101,9 +105,10 @@ class Recipe:
         choices = {"bits": BITS, "method": METHODS, "estimator": ESTIMATORS,
                    "group_split": GROUP_SPLITS, "calib_scheduler": SCHEDULERS,
                    "target_cpu": TARGET_CPUS, "text_encoder_weights": TEXT_ENCODER_WEIGHTS,
-                   "attention": ATTENTIONS, "weight_range": WEIGHT_RANGES, "vae": VAES}
+                   "attention": ATTENTIONS, "weight_range": WEIGHT_RANGES, "vae": VAES,
+                   "form": FORMS}
         for name, valid in choices.items():
-            optional = name in ("calib_scheduler", "text_encoder_weights")
+            optional = name in ("calib_scheduler", "text_encoder_weights", "vae")
             if getattr(self, name) not in valid and not (optional and getattr(self, name) is None):
                 raise UserError(f"{name} {getattr(self, name)!r} is not valid: use one of "
                                 f"{', '.join(valid)}")
@@ -124,6 +129,10 @@ class Recipe:
                                               and self.method == "dq"):
             raise UserError("--target-cpu chooses int8 activations per layer: it needs "
                             "--bits w8a8 or w4a8 with --method dq")
+        if self.form == "auto" and not (self.activations_quantized and self.method == "dq"
+                                        and self.budget is None):
+            raise UserError("--form auto times the forms of the int8-activation UNet: it needs "
+                            "--bits w8a8 or w4a8 with --method dq, without --budget")
         if self.budget is not None:
             from calibration.allocation import parse_budget
 

@@ -126,6 +126,7 @@ def test_cache_goal_needs_both_ratios(monkeypatch):
     (["--quick", "--schedulers", "pndm:0"], "STEPS >= 1"),
     (["--quick", "--batch", "two"], "--batch"),
     (["--quick", "--repeats", "0"], "--repeats"),
+    (["--quick", "--image-size", "100"], "multiple of 64"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, args, message):
     done = run_script("image_latency.py", *[a.format(tmp=tmp_path) for a in args],

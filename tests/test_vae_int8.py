@@ -1,5 +1,6 @@
-"""``--vae int8`` on tiny-sd: the W8A8 decoder loads, generates, runs int8 convolutions, and
-draws nearly the FP32 decoder's image from the same latents."""
+"""``--vae int8`` on tiny-sd (the default of its W8A8 export): the W8A8 decoder loads,
+generates, runs int8 convolutions, and draws nearly the FP32 decoder's image from the same
+latents."""
 
 import numpy as np
 import onnx
@@ -22,23 +23,30 @@ MIN_PSNR_VS_FP32_DECODER = 35.0
 
 @pytest.fixture(scope="module")
 def int8_vae(tiny_w8a8):
-    """tiny_w8a8's recipe and calibration with ``--vae int8``: only the decoder differs."""
+    """The session's W8A8 export, whose decoder is int8 by default."""
+    return tiny_w8a8
+
+
+@pytest.fixture(scope="module")
+def fp32_vae(tiny_w8a8):
+    """tiny_w8a8's recipe and calibration with ``--vae fp32``: only the decoder differs."""
     from dq_export.export import export
     from dq_export.recipe import Recipe
 
-    out = tiny_w8a8.parent / "tiny-sd-w8a8-vae-int8"
-    export("tiny-sd", out, Recipe(bits="w8a8", seed=0, vae="int8", **TINY_CALIBRATION),
+    out = tiny_w8a8.parent / "tiny-sd-w8a8-vae-fp32"
+    export("tiny-sd", out, Recipe(bits="w8a8", seed=0, vae="fp32", **TINY_CALIBRATION),
            init="random", calibration_dir=tiny_w8a8.parent / "calibration")
     return out
 
 
-def test_int8_decoder_export_generates_close_to_the_fp32_decoder(int8_vae, tiny_w8a8):
+def test_int8_decoder_export_generates_close_to_the_fp32_decoder(int8_vae, fp32_vae):
     manifest = read_manifest(int8_vae)  # every file hashed, the new ones among them
     decoder = manifest["components"]["vae_decoder"]
     assert decoder["form"] == "int8" and decoder["onnx"] == "onnx/vae_decoder_qdq.onnx"
+    assert manifest["recipe"]["vae"] == "int8"  # the default, resolved
     assert {decoder["onnx"], decoder["quantization"]["params"]} <= set(manifest["files"])
-    assert read_manifest(tiny_w8a8)["components"]["vae_decoder"]["form"] == "fp32"
-    int8, fp32 = Pipeline.load(int8_vae), Pipeline.load(tiny_w8a8)
+    assert read_manifest(fp32_vae)["components"]["vae_decoder"]["form"] == "fp32"
+    int8, fp32 = Pipeline.load(int8_vae), Pipeline.load(fp32_vae)
     a, b = (np.asarray(p.generate("a handwritten digit 7", steps=10, seed=0).images[0])
             for p in (int8, fp32))
     print(f"tiny-sd int8 vs fp32 VAE decoder, seed 0: PSNR {psnr(a, b):.1f} dB")
@@ -73,7 +81,7 @@ def test_a_cache_without_final_latents_is_a_one_line_error(tmp_path):
     (tmp_path / "inputs").mkdir()
     save_file({"sample": np.zeros((1, 1, 4, 8, 8), np.float32)},
               str(tmp_path / "inputs" / "batch-0000.safetensors"))
-    with pytest.raises(UserError, match="no final latents .* delete it to calibrate again") as e:
+    with pytest.raises(UserError, match="no final latents .* delete it to calibrate again, or export with --vae fp32") as e:
         load_final_latents(tmp_path)
     assert "\n" not in str(e.value)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from calibration.collect import CalibrationSettings
-from calibration.fit import QuantParams
+from calibration.fit import QuantParams, fit
 from calibration.layers import quantized_layers, shortcut_splits
 from dq_export.graph.onnx_export import save_with_external_data
 from dq_export.graph.qdq import build_qdq_unet, graph_modules, quantize_activations, set_group
@@ -32,6 +32,14 @@ def calibration_settings(recipe) -> CalibrationSettings:
                                num_prompts=recipe.calib_prompts, every=recipe.calib_every,
                                batch_size=recipe.calib_batch, seed=recipe.seed,
                                eta=recipe.calib_eta)
+
+
+def fit_params(stats, timesteps: list[int], recipe) -> QuantParams:
+    """The recipe's activation scales per group (and per-step tables) from the statistics,
+    restricted to the recipe's attention form."""
+    params = fit(stats, timesteps, recipe.groups, recipe.group_split, recipe.estimator,
+                 recipe.time_tables, recipe.split_shortcut, recipe.asymmetric_activations)
+    return params.restricted_attention(recipe.attention)
 
 
 def weight_bits(unet, bits: str, weight_range: str = "full") -> dict[str, int]:

@@ -76,7 +76,7 @@ def profile_shapes(components, latent_size: int) -> dict[str, list[int]]:
 def profile_nodes(graph: Path, shapes: dict[str, list[int]], device: str = "CPU",
                   calls: int = PROFILE_CALLS) -> dict[str, float]:
     """Median seconds of every executed node over ``calls`` runs of seeded random inputs."""
-    request, feeds = _request(graph, shapes, device, perf_count=True)
+    request, feeds = compiled_request(graph, shapes, device, perf_count=True)
     request.infer(feeds)  # warm-up: first-call allocations are not the steady state
     runs: dict[str, list[float]] = {}
     for _ in range(calls):
@@ -90,10 +90,15 @@ def whole_call_seconds(graphs: list[Path], shapes: dict[str, list[int]], device:
                        calls: int = WHOLE_CALLS) -> list[float]:
     """Median seconds of one whole call of each graph; the graphs take turns, so drift on a
     shared machine falls on all of them alike."""
-    runs = [_request(graph, shapes, device, perf_count=False) for graph in graphs]
+    return timed_turns([compiled_request(graph, shapes, device) for graph in graphs], calls)
+
+
+def timed_turns(runs: list[tuple], calls: int = WHOLE_CALLS) -> list[float]:
+    """Median seconds of one call of each (infer request, feeds) of ``runs``, after one
+    warm-up call each; the requests take turns."""
     for request, feeds in runs:
         request.infer(feeds)  # warm-up
-    times: list[list[float]] = [[] for _ in graphs]
+    times: list[list[float]] = [[] for _ in runs]
     for _ in range(calls):
         for (request, feeds), own in zip(runs, times):
             start = time.perf_counter()
@@ -112,7 +117,8 @@ def confirmed(choice: dict, all_int8_seconds: float, chosen_seconds: float) -> d
                               "proposed_float": round(1e3 * chosen_seconds, 2)}}
 
 
-def _request(graph: Path, shapes: dict[str, list[int]], device: str, perf_count: bool):
+def compiled_request(graph: Path, shapes: dict[str, list[int]], device: str = "CPU",
+                     perf_count: bool = False):
     """A compiled infer request for ``graph`` at ``shapes``, and seeded random feeds."""
     import openvino as ov
 
