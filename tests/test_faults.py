@@ -125,7 +125,7 @@ def test_killed_export_leaves_nothing_and_the_next_run_resumes_cleanly(start_exp
         finally:
             run.send_signal(signal.SIGCONT)
     assert run.wait(timeout=300) == 0, "".join(output)
-    assert stages == 11 and done == list(range(1, stages + 1))
+    assert stages == 12 and done == list(range(1, stages + 1))
     assert f"removed .tiny.partial-{killed.pid}: left by an export to {out} that was killed" \
         in "".join(output)
     read_manifest(out)  # every file there, every hash right
@@ -205,7 +205,7 @@ def truncate(path: Path) -> None:
 def calibration_cache(tmp_path_factory):
     """The complete calibration cache of CALIBRATED, left by a dq-export interrupted (^C)
     right after its calibration stage; which wrote no export."""
-    import calibration.fit
+    import dq_export.graph.quantize_unet
     from dq_export import cli
 
     def interrupted(*args, **kwargs):
@@ -213,7 +213,7 @@ def calibration_cache(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("calibrated")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(calibration.fit, "fit", interrupted)
+        patch.setattr(dq_export.graph.quantize_unet, "fit_params", interrupted)
         code = cli.main([*CALIBRATED, "--calibration-dir", str(root / "cache"),
                          "--out", str(root / "export")])
     assert code == 130 and sorted(p.name for p in root.iterdir()) == ["cache"]
