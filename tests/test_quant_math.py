@@ -8,7 +8,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from calibration.estimators import asymmetric_scale, estimate, zero_point
-from calibration.fit import ASYMMETRIC_GAIN, asymmetric_gain
+from calibration.fit import (ASYMMETRIC_GAIN, ActivationQuantizer, asymmetric_gain,
+                             constant_score_scales)
 from calibration.groups import auto_groups, interval_cost, uniform_groups
 from calibration.histogram import merge, record
 from calibration.quant_math import dequantize_linear, quantize_linear, weight_scales
@@ -150,6 +151,23 @@ def test_a_balanced_input_keeps_symmetric_int8():
     zero = zero_point(record(x), "mse")
     assert 118 <= zero <= 138 and asymmetric_gain(zero) < ASYMMETRIC_GAIN
     assert zero_point(record(x.abs()), "mse") == 0  # never negative: uint8 from 0
+
+
+def test_score_scales_are_widened_to_one_product_and_nothing_else_moves():
+    """q and k of one attention get s_q*s_k equal in every group (a constant OpenVINO folds),
+    no scale shrinks (no new clipping), the group with the largest product keeps its own,
+    and other quantizers are untouched."""
+    acts = {"a@q": ActivationQuantizer("int8", [0.1, 0.2, 0.05]),
+            "a@k": ActivationQuantizer("int8", [0.3, 0.1, 0.4]),
+            "a@v": ActivationQuantizer("int8", [0.5, 0.6, 0.7]),
+            "conv": ActivationQuantizer("uint8", [1.0, 2.0, 3.0], None, 12)}
+    out = constant_score_scales(acts)
+    q, k = np.array(out["a@q"].group_scales), np.array(out["a@k"].group_scales)
+    np.testing.assert_allclose(q * k, 0.03, rtol=1e-12)
+    assert (q >= np.array(acts["a@q"].group_scales) - 1e-15).all()
+    assert (k >= np.array(acts["a@k"].group_scales) - 1e-15).all()
+    assert q[0] == 0.1 and k[0] == pytest.approx(0.3)
+    assert out["a@v"] == acts["a@v"] and out["conv"] == acts["conv"]
 
 
 def test_uniform_groups_cover_every_step_in_order():

@@ -14,6 +14,9 @@ constant per quantizer (the integer range is the same at every step), so only th
 to move behind the multiplier.
 An attention's products are bilinear: ``(q·c)(k^T·c)`` is rescaled by ``s_q·s_k`` before
 the softmax, and ``A·v`` by ``s_v`` (``s_p·s_v`` when the softmax output is quantized too).
+The fit keeps ``s_q·s_k`` the same in every group (``calibration.fit.constant_score_scales``),
+so the scores' multiplier is a constant: a runtime one would be one more pass over the
+[heads, tokens, tokens] scores, the largest tensor of the UNet.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from calibration.quant_math import INT_TYPES
 from dq_export.graph.qdq import STEP_INDEX, LayerNode, activation_edges, insert_before
 
 
+CONSTANT_RTOL = 1e-6  # a product of scales this close at every step is one constant
+
+
 @dataclass
 class Rescale:
     """A linear node whose output is in integer units of the product of ``keys``' scales."""
@@ -36,6 +42,9 @@ class Rescale:
     keys: list[str]
     name: str  # prefix of the nodes and tables added for it
     bias: str | None = None  # initializer added after the rescale (a detached Conv/Gemm bias)
+    # an attention product: a constant multiplier where the product is the same at every step
+    # (layers keep their lookup table, which mixed precision's dual paths rewrite)
+    foldable: bool = False
 
 
 def step_scale_tables(params: QuantParams) -> dict[str, np.ndarray]:
@@ -90,14 +99,22 @@ def _from_integer_units(graph: onnx.GraphProto, rescale: Rescale,
     """Multiply ``rescale.node``'s output by the step's product of scales (then add the bias)."""
     node, name = rescale.node, rescale.name
     table = np.prod([tables[key] for key in rescale.keys], axis=0).astype(np.float32)
-    graph.initializer.append(numpy_helper.from_array(table, f"{name}.output_scale_table"))
     output = node.output[0]
     node.output[0] = f"{name}.output_integer_units"
     rescaled = f"{name}.output_rescaled" if rescale.bias else output
-    after = [helper.make_node("Gather", [f"{name}.output_scale_table", STEP_INDEX],
-                              [f"{name}.output_scale_step"], name=f"{name}/GatherScale", axis=0),
-             helper.make_node("Mul", [node.output[0], f"{name}.output_scale_step"], [rescaled],
-                              name=f"{name}/FromIntegerUnits")]
+    after = []
+    if rescale.foldable and np.allclose(table, table[0], rtol=CONSTANT_RTOL, atol=0):
+        # the same at every step (coupled q, k scales): a constant OpenVINO folds into MatMul
+        graph.initializer.append(numpy_helper.from_array(np.float32(table.mean()),
+                                                         f"{name}.output_scale"))
+        scale = f"{name}.output_scale"
+    else:
+        graph.initializer.append(numpy_helper.from_array(table, f"{name}.output_scale_table"))
+        scale = f"{name}.output_scale_step"
+        after.append(helper.make_node("Gather", [f"{name}.output_scale_table", STEP_INDEX],
+                                      [scale], name=f"{name}/GatherScale", axis=0))
+    after.append(helper.make_node("Mul", [node.output[0], scale], [rescaled],
+                                  name=f"{name}/FromIntegerUnits"))
     if rescale.bias:
         after.append(helper.make_node("Add", [rescaled, rescale.bias], [output],
                                       name=f"{name}/Bias"))
@@ -122,7 +139,7 @@ def quantize_activations_shared(model: onnx.ModelProto, layers: dict[str, LayerN
                                        (attention.output, ("p", "v"), "@pv")):
             keys = [attention.edges[x].key for x in operands
                     if attention.edges[x].key in params.activations]
-            rescales.append(Rescale(node, keys, attention.name + suffix))
+            rescales.append(Rescale(node, keys, attention.name + suffix, foldable=True))
     for edge in edges:
         _to_integer_units(graph, edge.key, edge.node, edge.index, tables[edge.key],
                           params.activations[edge.key])
