@@ -35,14 +35,16 @@ KINDS = {  # kind -> the script that writes it
     "model_zoo": "model_zoo.py", "mixed_form": "mixed_form.py",
     "noise_fidelity": "noise_fidelity.py", "quality": "quality.py",
     "additivity": "additivity.py", "cache_curve": "cache_curve.py", "load_test": "load_test.py",
-    "genai_runtime": "genai_runtime.py", "genai_parity": "genai_parity.py"}
+    "genai_runtime": "genai_runtime.py", "genai_parity": "genai_parity.py",
+    "unet_profile": "unet_profile.py"}
 
 
 def kind(results: dict) -> str | None:
     """Which benchmark wrote this JSON, from its shape (older files carry no name)."""
     rows = results.get("rows")
     first = rows[0] if isinstance(rows, list) and rows else {}
-    checks = (("image_latency", "ratios" in results and "schedulers" in results),
+    checks = (("unet_profile", results.get("kind") == "unet_profile"),
+              ("image_latency", "ratios" in results and "schedulers" in results),
               ("unet_deployment", isinstance(rows, dict) and "calls" in results),
               ("model_zoo", "step_ms_median" in first), ("mixed_form", "form" in first),
               ("noise_fidelity", "per_step_mean" in results), ("quality", "runs" in results),
@@ -185,8 +187,15 @@ def genai_parity(results: dict) -> str:
             + table(results))
 
 
-RENDERERS = {"image_latency": image_latency, "unet_deployment": unet_deployment,
-             "model_zoo": model_zoo, "mixed_form": mixed_form,
+def unet_profile(results: dict) -> str:
+    from unet_profile import table
+
+    return (f"{results['image']}, {results['calls']} profiled calls per export in turns; "
+            "medians of the call and of each node (OpenVINO PERF_COUNT):\n\n" + table(results))
+
+
+RENDERERS = {"unet_profile": unet_profile, "image_latency": image_latency,
+             "unet_deployment": unet_deployment, "model_zoo": model_zoo, "mixed_form": mixed_form,
              "noise_fidelity": noise_fidelity, "quality": quality, "additivity": additivity,
              "cache_curve": cache_curve, "load_test": load_test, "genai_runtime": genai_runtime,
              "genai_parity": genai_parity}

@@ -176,7 +176,8 @@ def test_parse_exports_refuses_an_empty_list(monkeypatch):
 
 SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "common.py")
 TIMED_AT_FULL_SIZE = {"additivity.py", "cache_curve.py", "genai_runtime.py", "image_latency.py",
-                      "model_zoo.py", "quality.py", "sd_quality.py", "unet_deployment.py"}  # the measured ones
+                      "model_zoo.py", "quality.py", "sd_quality.py", "unet_deployment.py",
+                      "unet_profile.py"}  # the measured ones
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -208,3 +209,27 @@ def test_model_zoo_compares_each_export_with_its_torch_model(tiny_export, tiny_w
     assert min(fp32["cosine_vs_torch"]) > 0.99999
     assert len(w8a8["cosine_vs_torch"]) == 3 and 0.99 < min(w8a8["cosine_vs_torch"]) < 0.99999
     assert fp32["step_ms_median"] > 0 and "| tiny-sd | random | w8a8 |" in done.stdout
+
+
+def test_unet_profile_charges_the_runtime_multipliers_to_ours_only(tiny_export, tiny_w8a8,
+                                                                   tmp_path):
+    """benchmarks/unet_profile.py: call times in turns, per-kind node times that add up, the shared-scale
+    graph's multiplier passes found in ours and not in FP32, a table results_doc renders, and
+    a one-line error for bad input."""
+    done = run_script("unet_profile.py", f"fp32={tiny_export}", f"ours={tiny_w8a8}",
+                      "--calls", 1, "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    fp32, ours = results["rows"]["fp32"], results["rows"]["ours"]
+    for row in (fp32, ours):
+        assert row["call_s"] > 0 and row["node_sum_ms"] > 0
+        assert sum(row["by_kind_ms"].values()) == pytest.approx(row["node_sum_ms"],
+                                                                abs=0.1 * row["nodes"])
+    assert fp32["multiplier_passes_ms"] == 0 < ours["multiplier_passes_ms"] < ours["node_sum_ms"]
+    assert "| ours |" in done.stdout and (tmp_path / "results.png").stat().st_size > 1000
+    sys.path.insert(0, str(BENCHMARKS))
+    from results_doc import kind
+    assert kind(results) == "unet_profile"
+    bad = run_script("unet_profile.py", f"ours={tiny_w8a8}", "--calls", 0, "--out", tmp_path / "x")
+    assert bad.returncode == 2 and bad.stderr == "unet_profile: error: --calls must be at least 1\n"
+    assert not (tmp_path / "x").exists()

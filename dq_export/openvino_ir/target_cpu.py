@@ -118,12 +118,13 @@ def confirmed(choice: dict, all_int8_seconds: float, chosen_seconds: float) -> d
 
 
 def compiled_request(graph: Path, shapes: dict[str, list[int]], device: str = "CPU",
-                     perf_count: bool = False):
-    """A compiled infer request for ``graph`` at ``shapes``, and seeded random feeds."""
+                     perf_count: bool = False, weights: Path | None = None):
+    """A compiled infer request for ``graph`` (its weights in ``weights``, else beside it)
+    at ``shapes``, and seeded random feeds."""
     import openvino as ov
 
     core = ov.Core()
-    model = core.read_model(str(graph))
+    model = core.read_model(str(graph), *([str(weights)] if weights else []))
     names = [_graph_name(port, shapes) for port in model.inputs]
     model.reshape({name: ov.PartialShape(shapes[name]) for name in names if name in shapes})
     compiled = core.compile_model(model, device, {"PERF_COUNT": perf_count,
