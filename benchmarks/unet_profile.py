@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,26 +36,21 @@ DURATION = ("Time on 2 cores at full size: sd14 at 512, three exports with 5 rou
             "about 4 minutes.")
 
 
-def unet_shapes(manifest: dict, size: int | None = None) -> dict[str, list[int]]:
-    """The UNet's inputs for one prompt with guidance at the export's size (or ``size``)."""
-    image, text = manifest["image"], manifest["text"]
-    height, width = (size, size) if size else (image["height"], image["width"])
-    latent = [image["latent_channels"], height // image["vae_scale_factor"],
-              width // image["vae_scale_factor"]]
-    return {"sample": [2, *latent], "timestep": [2],
-            "encoder_hidden_states": [2, text["max_length"], text["hidden_size"]]}
-
-
-def compiled(export: Path, size: int | None):
-    """The export's UNet compiled with per-node profiling, seeded random feeds, and the names
-    of the executed nodes that carry the shared-scale graph's runtime multipliers."""
+def compiled(label: str, export: Path, size: int | None):
+    """The export's UNet compiled with per-node profiling for one prompt with guidance at its
+    size (or ``size``), seeded random feeds, and the names of the executed nodes that carry
+    the shared-scale graph's runtime multipliers."""
+    from deploy.pipeline import component_shapes, resized_image
     from dq_export.manifest import ir_files, read_manifest
     from dq_export.openvino_ir.target_cpu import compiled_request
 
     manifest = read_manifest(export, verify=False)
+    if size:
+        manifest = {**manifest, "image": resized_image(manifest["image"], (size, size))}
+    print(f"compiling {label} ({export}) ...", file=sys.stderr, flush=True)
     graph, weights = ir_files(export, manifest["components"]["unet"])
-    request, feeds = compiled_request(graph, unet_shapes(manifest, size), perf_count=True,
-                                      weights=weights)
+    request, feeds = compiled_request(graph, component_shapes(manifest, 1)["unet"],
+                                      perf_count=True, weights=weights)
     multiplier_nodes = set()
     for op in request.get_compiled_model().get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
@@ -69,37 +63,35 @@ def compiled(export: Path, size: int | None):
 
 
 def profile_in_turns(exports: dict[str, Path], calls: int, size: int | None) -> dict[str, dict]:
-    """Every export's UNet compiled in this process, one warm-up call each, then ``calls``
-    rounds in which each takes a turn, so drift on a shared machine falls on all alike."""
-    runs = {}
+    """Every export's UNet compiled in this process, then timed in turns
+    (``target_cpu.timed_turns``), so drift on a shared machine falls on all alike; each
+    timed call's per-node profile is kept."""
+    from dq_export.openvino_ir.target_cpu import timed_turns
+
+    runs = []
     for label, path in exports.items():
-        print(f"compiling {label} ({path}) ...", file=sys.stderr, flush=True)
-        runs[label] = compiled(path, size)
-    for request, feeds, _ in runs.values():
-        request.infer(feeds)
-    walls: dict[str, list[float]] = defaultdict(list)
-    nodes: dict[str, dict[str, list[float]]] = {label: defaultdict(list) for label in runs}
+        runs.append(compiled(label, path, size))
+    print(f"timing {calls} rounds ...", file=sys.stderr, flush=True)
+    nodes: list[dict[str, list[float]]] = [defaultdict(list) for _ in runs]
     kinds: dict[str, str] = {}
-    for round_ in range(calls):
-        print(f"round {round_ + 1}/{calls}", file=sys.stderr, flush=True)
-        for label, (request, feeds, _) in runs.items():
-            start = time.perf_counter()
-            request.infer(feeds)
-            walls[label].append(time.perf_counter() - start)
-            for info in request.profiling_info:
-                nodes[label][info.node_name].append(info.real_time.total_seconds() * 1e3)
-                kinds[info.node_name] = info.node_type
-    return {label: summary(walls[label], nodes[label], kinds, runs[label][2])
-            for label in runs}
+
+    def keep_profile(i: int) -> None:
+        for info in runs[i][0].profiling_info:
+            nodes[i][info.node_name].append(info.real_time.total_seconds() * 1e3)
+            kinds[info.node_name] = info.node_type
+
+    walls = timed_turns([(request, feeds) for request, feeds, _ in runs], calls, keep_profile)
+    return {label: summary(wall, own, kinds, run[2])
+            for label, wall, own, run in zip(exports, walls, nodes, runs)}
 
 
-def summary(walls: list[float], nodes: dict[str, list[float]], kinds: dict[str, str],
+def summary(wall: float, nodes: dict[str, list[float]], kinds: dict[str, str],
             multiplier_nodes: set[str]) -> dict:
     node_ms = {name: statistics.median(times) for name, times in nodes.items()}
     by_kind: dict[str, float] = defaultdict(float)
     for name, ms in node_ms.items():
         by_kind[kinds[name]] += ms
-    return {"call_s": round(statistics.median(walls), 4),
+    return {"call_s": round(wall, 4),
             "node_sum_ms": round(sum(node_ms.values()), 1),
             "by_kind_ms": {k: round(v, 1) for k, v in sorted(by_kind.items(),
                                                              key=lambda kv: -kv[1])},
@@ -116,6 +108,11 @@ def shown_kinds(results: dict) -> list[str]:
     return sorted(total, key=lambda k: -total[k])[:SHOWN_KINDS]
 
 
+def other_ms(row: dict, kinds: list[str]) -> float:
+    """A row's node time outside the shown ``kinds``."""
+    return round(row["node_sum_ms"] - sum(row["by_kind_ms"].get(k, 0.0) for k in kinds), 1)
+
+
 def table(results: dict) -> str:
     kinds = shown_kinds(results)
     first = next(iter(results["rows"].values()))["call_s"]
@@ -125,8 +122,7 @@ def table(results: dict) -> str:
     for label, row in results["rows"].items():
         shown = [row["by_kind_ms"].get(k, 0.0) for k in kinds]
         lines.append((label, row["call_s"], f"{row['call_s'] / first:.3f}x", row["node_sum_ms"],
-                      row["multiplier_passes_ms"], *shown,
-                      round(row["node_sum_ms"] - sum(shown), 1)))
+                      row["multiplier_passes_ms"], *shown, other_ms(row, kinds)))
     return markdown_table(head, lines)
 
 
@@ -138,8 +134,7 @@ def chart(results: dict, path: Path) -> None:
          "UNet call, s (median, in turns)")
     bottom = [0.0] * len(labels)
     for kind in kinds + ["other"]:
-        values = [row["by_kind_ms"].get(kind, 0.0) if kind != "other" else
-                  row["node_sum_ms"] - sum(row["by_kind_ms"].get(k, 0.0) for k in kinds)
+        values = [row["by_kind_ms"].get(kind, 0.0) if kind != "other" else other_ms(row, kinds)
                   for row in results["rows"].values()]
         axes[1].bar(labels, values, bottom=bottom, label=kind)
         bottom = [b + v for b, v in zip(bottom, values)]
@@ -162,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.calls < 1:
             raise UserError("--calls must be at least 1")
-        if args.image_size is not None and (args.image_size < 64 or args.image_size % 64):
-            raise UserError("--image-size must be a multiple of 64 (256, 512, ...)")
         exports = parse_exports(args.exports)
         rows = profile_in_turns(exports, args.calls, args.image_size)
     except UserError as e:

@@ -105,7 +105,7 @@ class Pipeline:
         root = Path(export_dir)
         manifest = read_manifest(root, verify=verify)
         if image_size is not None:
-            manifest = {**manifest, "image": _resized(manifest["image"], image_size)}
+            manifest = {**manifest, "image": resized_image(manifest["image"], image_size)}
         return cls(root, manifest, device, {**DEFAULT_OV_CONFIG, **(ov_config or {})},
                    batch_size)
 
@@ -117,20 +117,7 @@ class Pipeline:
         """Compile every component for ``batch_size`` images (a guided UNet sees 2x)."""
         import openvino as ov
 
-        image = self.manifest["image"]
-        latent = (image["latent_channels"], image["height"] // image["vae_scale_factor"],
-                  image["width"] // image["vae_scale_factor"])
-        rows = 2 * batch_size if self.conditional else batch_size
-        shapes = {"unet": {"sample": [rows, *latent], "timestep": [rows]}}
-        if self.conditional:
-            text = self.manifest["text"]
-            shapes = {"text_encoder": {"input_ids": [batch_size, text["max_length"]]}, **shapes}
-            shapes["unet"]["encoder_hidden_states"] = [rows, text["max_length"],
-                                                       text["hidden_size"]]
-        if "vae_decoder" in self.manifest["components"]:
-            shapes["vae_decoder"] = {0: [batch_size, *latent]}  # latent_sample (once latents)
-        if "unet_shallow" in self.manifest["components"]:
-            shapes["unet_shallow"] = dict(shapes["unet"])
+        shapes = component_shapes(self.manifest, batch_size)
         # pybind11 sets up its numpy API once per process, and two threads doing it at once
         # (two siblings' first infer) can deadlock (pybind11#4877's call_once): do it here
         ov.Tensor(np.zeros(1, np.float32)).data  # noqa: B018
@@ -149,7 +136,7 @@ class Pipeline:
                                 f"({first_line(e)}): re-export or restore it") from None
         self._requests = self._new_requests()
         self.batch_size = batch_size
-        self.latent_shape = (batch_size, *latent)  # x_T of one batch of images
+        self.latent_shape = (batch_size, *shapes["unet"]["sample"][1:])  # x_T of one batch
 
     @property
     def optimal_requests(self) -> int:
@@ -320,7 +307,27 @@ class Pipeline:
                                 dict(unet.calls))
 
 
-def _resized(image: dict, size: tuple[int, int]) -> dict:
+def component_shapes(manifest: dict, batch_size: int) -> dict[str, dict]:
+    """Each component's input shapes for ``batch_size`` images at the manifest's image size
+    (a guided UNet sees 2x: the unconditional and the conditional half)."""
+    image, components = manifest["image"], manifest["components"]
+    latent = (image["latent_channels"], image["height"] // image["vae_scale_factor"],
+              image["width"] // image["vae_scale_factor"])
+    conditional = "text_encoder" in components
+    rows = 2 * batch_size if conditional else batch_size
+    shapes = {"unet": {"sample": [rows, *latent], "timestep": [rows]}}
+    if conditional:
+        text = manifest["text"]
+        shapes = {"text_encoder": {"input_ids": [batch_size, text["max_length"]]}, **shapes}
+        shapes["unet"]["encoder_hidden_states"] = [rows, text["max_length"], text["hidden_size"]]
+    if "vae_decoder" in components:
+        shapes["vae_decoder"] = {0: [batch_size, *latent]}  # latent_sample (once latents)
+    if "unet_shallow" in components:
+        shapes["unet_shallow"] = dict(shapes["unet"])
+    return shapes
+
+
+def resized_image(image: dict, size: tuple[int, int]) -> dict:
     """The manifest's image entry at another (height, width): multiples of the VAE's factor
     times 8, the three halvings of Stable Diffusion's UNet."""
     step = image["vae_scale_factor"] * 8

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,17 +94,21 @@ def whole_call_seconds(graphs: list[Path], shapes: dict[str, list[int]], device:
     return timed_turns([compiled_request(graph, shapes, device) for graph in graphs], calls)
 
 
-def timed_turns(runs: list[tuple], calls: int = WHOLE_CALLS) -> list[float]:
+def timed_turns(runs: list[tuple], calls: int = WHOLE_CALLS,
+                after_call: Callable[[int], None] | None = None) -> list[float]:
     """Median seconds of one call of each (infer request, feeds) of ``runs``, after one
-    warm-up call each; the requests take turns."""
+    warm-up call each; the requests take turns. ``after_call(i)`` runs after each timed call
+    of ``runs[i]``, untimed (to read that call's profile, say)."""
     for request, feeds in runs:
         request.infer(feeds)  # warm-up
     times: list[list[float]] = [[] for _ in runs]
     for _ in range(calls):
-        for (request, feeds), own in zip(runs, times):
+        for i, ((request, feeds), own) in enumerate(zip(runs, times)):
             start = time.perf_counter()
             request.infer(feeds)
             own.append(time.perf_counter() - start)
+            if after_call is not None:
+                after_call(i)
     return [statistics.median(own) for own in times]
 
 
