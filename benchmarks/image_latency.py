@@ -10,6 +10,9 @@ total; a UNet step is one UNet call plus the scheduler update); medians. Through
 process per --batch B: ``PERFORMANCE_HINT: THROUGHPUT``, and as many threads as the compiled
 UNet's OPTIMAL_NUMBER_OF_INFER_REQUESTS, each generating its own batch of B prompts on a
 ``Pipeline.sibling()`` (the same compiled models: one copy of the weights); images per minute.
+With --rounds N, every export's latency process runs N times, in the given order and then
+reversed, alternately, and each figure is the median over rounds: this machine has drifted
+by 20 % between processes at 512, more than the gaps being measured.
 
     python benchmarks/image_latency.py fp32=exports/sd14-fp32 nncf=exports/sd14-nncf \\
         ours=exports/sd14-w8a8 --out benchmarks/results/sd14-image-latency
@@ -154,18 +157,53 @@ def measure(kind: str, **task) -> dict:
     return {"latency": measure_latency, "throughput": measure_throughput}[kind](**task)
 
 
+def round_orders(labels: list[str], rounds: int) -> list[list[str]]:
+    """The exports' order in each round: as given, then reversed, alternately, so that a
+    drift between processes weighs on every export alike over two rounds."""
+    return [labels if r % 2 == 0 else labels[::-1] for r in range(rounds)]
+
+
+def merge_rounds(runs: list):
+    """One latency result from several rounds': the median of every number, every list
+    joined (each image's total, round after round), anything else as the first round's."""
+    first = runs[0]
+    if isinstance(first, dict):
+        return {k: merge_rounds([r[k] for r in runs]) for k in first}
+    if isinstance(first, list):
+        return [x for r in runs for x in r]
+    if isinstance(first, (int, float)) and not isinstance(first, bool):
+        return round(statistics.median(runs), 3)
+    return first
+
+
+def latency_rounds(exports: dict[str, Path], rounds: int, task: dict) -> dict[str, dict]:
+    """Each export's latency process ``rounds`` times, in ``round_orders``; merged."""
+    runs: dict[str, list] = {label: [] for label in exports}
+    for r, order in enumerate(round_orders(list(exports), rounds)):
+        for label in order:
+            print(f"{label}: {exports[label]}" + (f" (round {r + 1} of {rounds})"
+                                                  if rounds > 1 else ""),
+                  file=sys.stderr, flush=True)
+            runs[label].append(run_child(__file__, {
+                "kind": "latency", **task, "export": str(exports[label]), "label": label},
+                f"{label} latency"))
+    return {label: merge_rounds(results) for label, results in runs.items()}
+
+
 def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,
               batches: list[int], throughput: str, first_image: str,
-              image_size: int | None = None) -> dict[str, dict]:
-    """One latency process per export, then one throughput process per batch size; at
-    ``image_size`` (None: each export's own)."""
+              image_size: int | None = None, rounds: int = 1) -> dict[str, dict]:
+    """The latency processes (``latency_rounds``), then one throughput process per export and
+    batch size; at ``image_size`` (None: each export's own)."""
     from dq_export.manifest import read_manifest
 
+    latency = latency_rounds(exports, rounds, {
+        "image_size": image_size, "schedulers": schedulers, "repeats": repeats,
+        "first_image": first_image})
     rows = {}
     for label, root in exports.items():
         manifest = read_manifest(root, verify=False)
         quantization = manifest.get("quantization", {})
-        print(f"{label}: {root}", file=sys.stderr, flush=True)
         task = {"export": str(root), "label": label, "image_size": image_size}
         row = {"export": str(root), "model": manifest["model"].get("name") or root.name,
                "init": manifest["model"].get("init"), "bits": manifest["recipe"]["bits"],
@@ -175,9 +213,7 @@ def benchmark(exports: dict[str, Path], schedulers: list[str], repeats: int,
                "image_size": image_size or manifest["image"]["height"],
                "exported_size": manifest["image"]["height"],
                "cache": cache_summary(manifest),
-               **run_child(__file__, {"kind": "latency", **task, "schedulers": schedulers,
-                                      "repeats": repeats, "first_image": first_image},
-                            f"{label} latency"),
+               **latency[label],
                "sizes_mb": disk_sizes(root, manifest)}
         row["throughput"] = {str(b): run_child(__file__, {  # none under --no-throughput
             "kind": "throughput", **task, "batch": b, "scheduler": throughput,
@@ -319,6 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, help="generate at this side in pixels instead of "
                    "each export's own (a multiple of 64; the UNet reuses the export's "
                    "calibration there: for speed, not quality)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every export's latency process this many times, in the given "
+                        "order and then reversed, alternately, and report medians: a drift of "
+                        "the machine between processes then weighs on every export alike "
+                        "(default 1)")
     p.add_argument("--no-throughput", action="store_true",
                    help="latency, memory and size only (a full-size throughput run takes long)")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2-step samplers, 1 "
@@ -340,6 +381,8 @@ def run(args: argparse.Namespace, command: str) -> int:
     repeats = args.repeats if args.repeats is not None else quick.get("repeats", 3)
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
+    if args.rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {args.rounds}")
     if args.image_size is not None and (args.image_size < 64 or args.image_size % 64):
         raise UserError(f"--image-size {args.image_size}: give a multiple of 64, e.g. 256")
     if not args.exports and not args.quick:
@@ -350,12 +393,13 @@ def run(args: argparse.Namespace, command: str) -> int:
     with tempfile.TemporaryDirectory(prefix="dq-bench-quick-") as tmp:
         exports = exports or quick_exports(Path(tmp))
         rows = benchmark(exports, schedulers, repeats, batches, throughput, first_image,
-                         args.image_size)
+                         args.image_size, args.rounds)
     ratio = ratios(rows)
     first = next(iter(rows.values()))
     results = {"machine": machine(), "model": first["model"],
                "image_size": first["image_size"], "prompt": PROMPT, "schedulers": schedulers,
-               "repeats": repeats, "throughput": {"scheduler": throughput, "batches": batches,
+               "repeats": repeats, "rounds": round_orders(list(rows), args.rounds),
+               "throughput": {"scheduler": throughput, "batches": batches,
                                                   "hint": "THROUGHPUT"},
                "exports": rows, "ratios": ratio,
                "goals": {"memory": {"target_peak_rss_vs_fp32": MEMORY_GOAL,

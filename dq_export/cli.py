@@ -52,16 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="symmetric int8 for signed layer inputs (default: uint8 with a zero "
                         "point, all 256 levels on lopsided inputs such as SiLU's)")
     q.add_argument("--attention", default=d.attention,
-                   help="what of attention's Q.K^T and A.V runs in int8: qkv (q, k, v; softmax "
-                        "output float, as Q-Diffusion), int8 (also the softmax output, uint8), "
-                        f"float (default {d.attention})")
+                   help="what of attention's Q.K^T and A.V runs in int8: float (none of it; "
+                        "OpenVINO then fuses them with the softmax into one kernel, the fastest "
+                        "form measured here), qkv (q, k, v; softmax output float, as "
+                        "Q-Diffusion), int8 (also the softmax output, uint8) "
+                        f"(default {d.attention})")
     q.add_argument("--target-cpu", default=d.target_cpu,
                    help="auto: profile every layer on this CPU with OpenVINO and keep the "
                         "input in float where int8 is not faster; none: int8 everywhere "
                         "(default none)")
     q.add_argument("--form", default=d.form,
-                   help="auto: time the UNet with attention qkv/int8, zero points off and the "
-                        "split shortcut off, each alone, on this CPU at the export's size, and "
+                   help="auto: time the UNet with each other attention form, zero points off "
+                        "and the split shortcut off, each alone, on this CPU at the export's size, and "
                         "keep the fastest whose error on calibration inputs is within 10%% of "
                         "the flags' form (minutes at 512); flags: the form the flags give "
                         "(default flags)")

@@ -1,11 +1,12 @@
 """``--form auto``: the quantized UNet form that runs fastest on the exporting CPU, among the
 forms whose fidelity holds.
 
-Which form is fastest depends on the CPU and the image size: int8 attention won at 512 and
-lost at 256 on one 2-core EPYC, and the zero points of asymmetric inputs and the split
-shortcut's extra 1x1 convolutions cost time that another CPU may hide. So the export
-measures. Each candidate is the recipe with one choice flipped (attention qkv <-> int8, zero
-points off, split shortcut off), fitted from the same statistics and written as the
+Which form is fastest depends on the CPU and the image size: on one 2-core EPYC (AVX2) float
+attention, which OpenVINO fuses into one kernel, beat both int8 forms at 256 and 512, while an
+AVX-512 VNNI CPU's int8 kernels may turn that round; and the zero points of asymmetric inputs
+and the split shortcut's extra 1x1 convolutions cost time that another CPU may hide. So the
+export measures. Each candidate is the recipe with one choice flipped (each other attention
+form, zero points off, split shortcut off), fitted from the same statistics and written as the
 shared-scale graph OpenVINO compiles, at the export's shapes (one image with guidance). The
 candidates' whole calls are timed in turns, so drift on a shared machine falls on all alike,
 and each candidate runs the calibration inputs of a few calibrated steps, whose FP32 outputs
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dq_export.recipe import ATTENTIONS
+
 FIDELITY_SLACK = 0.10  # up to 10 % more relative MSE than the recipe's form (0.4 dB)
 FIDELITY_STEPS = 4  # calibrated steps, evenly spread, where each candidate meets FP32
 TIMED_CALLS = 3  # whole calls per candidate after the fidelity calls, in turns
@@ -34,9 +37,9 @@ TIMED_CALLS = 3  # whole calls per candidate after the fidelity calls, in turns
 def candidates(recipe) -> dict[str, dict]:
     """Each candidate form as recipe overrides, the recipe's own ("as given") first."""
     forms = {"as given": {}}
-    if recipe.attention in ("qkv", "int8"):
-        other = "int8" if recipe.attention == "qkv" else "qkv"
-        forms[f"attention {other}"] = {"attention": other}
+    for other in ATTENTIONS:
+        if other != recipe.attention:
+            forms[f"attention {other}"] = {"attention": other}
     zero_points = not recipe.asymmetric_activations
     forms[f"zero points {'on' if zero_points else 'off'}"] = {
         "asymmetric_activations": zero_points}

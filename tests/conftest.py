@@ -67,12 +67,14 @@ def tiny_pipeline(tiny_export):
 
 @pytest.fixture(scope="session")
 def tiny_w8a8(tmp_path_factory):
-    """tiny-sd (seed 0) at W8A8: 4 auto groups, calibrated on 4 prompts x 10 PNDM steps."""
+    """tiny-sd (seed 0) at W8A8: 4 auto groups, calibrated on 4 prompts x 10 PNDM steps. Its
+    attention is ``qkv``, not the default ``float``, so that the tests meet every kind of
+    quantizer (attention operands included) in one export."""
     from dq_export.export import export
     from dq_export.recipe import Recipe
 
     root = tmp_path_factory.mktemp("w8a8")
     out = root / "tiny-sd-w8a8"
-    export("tiny-sd", out, Recipe(bits="w8a8", seed=0, **TINY_CALIBRATION), init="random",
-           calibration_dir=root / "calibration")
+    export("tiny-sd", out, Recipe(bits="w8a8", seed=0, attention="qkv", **TINY_CALIBRATION),
+           init="random", calibration_dir=root / "calibration")
     return out

@@ -115,6 +115,32 @@ def test_cache_goal_needs_both_ratios(monkeypatch):
     assert not cache_goal(rows, ratios(rows))["ours-cache"]["pndm:50"]["met"]
 
 
+def test_rounds_alternate_the_order_and_keep_the_median(monkeypatch):
+    """``--rounds 3``: orders a b c, c b a, a b c, one process each, and each export's
+    figures are the medians over its rounds, with every image's total kept."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import image_latency
+
+    ran = []
+
+    def child(script, task, what):
+        ran.append(task["label"])
+        ms = {"a": 100.0, "b": 200.0, "c": 300.0}[task["label"]] + len(ran)  # drifts upward
+        return {"load_and_compile_s": 1.0, "peak_rss_mb": ms,
+                "latency": {"dpm++:2": {"total_ms": ms, "total_ms_all": [ms],
+                                        "unet_calls": {"full": 2, "cached": 0}}}}
+
+    monkeypatch.setattr(image_latency, "run_child", child)
+    exports = {label: Path(label) for label in "abc"}
+    merged = image_latency.latency_rounds(exports, 3, {"schedulers": ["dpm++:2"]})
+    assert ran == list("abccbaabc")
+    assert merged["a"]["latency"]["dpm++:2"] == {
+        "total_ms": 106.0, "total_ms_all": [101.0, 106.0, 107.0],
+        "unet_calls": {"full": 2, "cached": 0}}
+    assert merged["c"]["peak_rss_mb"] == 304.0
+    assert image_latency.round_orders(list("ab"), 1) == [["a", "b"]]
+
+
 @pytest.mark.parametrize("args, message", [
     (["fp32=/no/such/folder"], "no such folder"),
     (["fp32={tmp}"], "is not a dq-export folder"),
@@ -126,6 +152,7 @@ def test_cache_goal_needs_both_ratios(monkeypatch):
     (["--quick", "--schedulers", "pndm:0"], "STEPS >= 1"),
     (["--quick", "--batch", "two"], "--batch"),
     (["--quick", "--repeats", "0"], "--repeats"),
+    (["--quick", "--rounds", "0"], "--rounds"),
     (["--quick", "--image-size", "100"], "multiple of 64"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, args, message):

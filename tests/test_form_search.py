@@ -10,14 +10,15 @@ from dq_export.recipe import TINY_CALIBRATION, Recipe
 
 
 def test_candidates_flip_one_choice_each():
-    forms = candidates(Recipe(bits="w8a8"))
-    assert forms == {"as given": {}, "attention int8": {"attention": "int8"},
+    forms = candidates(Recipe(bits="w8a8"))  # the default: float attention
+    assert forms == {"as given": {}, "attention qkv": {"attention": "qkv"},
+                     "attention int8": {"attention": "int8"},
                      "zero points off": {"asymmetric_activations": False},
                      "split shortcut off": {"split_shortcut": False}}
     flipped = candidates(Recipe(bits="w8a8", attention="int8", split_shortcut=False))
-    assert flipped["attention qkv"] == {"attention": "qkv"}
+    assert {k: v for k, v in flipped.items() if k.startswith("attention")} == {
+        "attention float": {"attention": "float"}, "attention qkv": {"attention": "qkv"}}
     assert flipped["split shortcut on"] == {"split_shortcut": True}
-    assert "attention float" not in candidates(Recipe(bits="w8a8", attention="float"))
 
 
 def test_choose_takes_the_fastest_form_whose_error_holds():
@@ -52,7 +53,7 @@ def test_form_auto_records_every_candidate_and_exports_the_chosen_one(form_auto)
     chosen = search["candidates"][search["chosen"]]
     limit = search["candidates"]["as given"]["relative_mse"] * (1 + FIDELITY_SLACK)
     assert chosen["relative_mse"] <= limit
-    expected = {"attention": "qkv", "asymmetric_activations": True, "split_shortcut": True,
+    expected = {"attention": "float", "asymmetric_activations": True, "split_shortcut": True,
                 **chosen["overrides"]}
     assert {field: manifest["recipe"][field] for field in expected} == expected
     assert manifest["recipe"]["form"] == "auto"

@@ -65,6 +65,6 @@ def test_recipe_of_version_1_read_back_as_float_attention():
     """Exports written before attention was quantized say so when read back."""
     old = {k: v for k, v in Recipe(bits="w8a8").to_dict().items() if k != "attention"}
     assert Recipe.from_dict({**old, "version": 1}).attention == "float"
-    assert Recipe.from_dict(Recipe(bits="w8a8").to_dict()).attention == "qkv"
+    assert Recipe.from_dict(Recipe(bits="w8a8", attention="qkv").to_dict()).attention == "qkv"
     with pytest.raises(UserError, match="attention 'fp8' is not valid"):
         Recipe(bits="w8a8", attention="fp8").check()
