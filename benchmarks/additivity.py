@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import machine, save_figure
 
 SUBSET_SIZES = (2, 4, 8, 16, 32, 64, 128)
 POINTS = ("w8", "w4", "a8", "w8+a8")
@@ -126,9 +126,7 @@ def chart(points: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("joint distortion, all of them quantized together")
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import figure, machine, markdown_table, parse_exports
+from common import figure, machine, markdown_table, parse_exports, save_figure
 from quality import CI, draws, image_psnr, samples
 
 from calibration.cache_schedule import dp_full_steps, uniform_full_steps
@@ -156,8 +156,7 @@ def chart(results: dict, path: Path) -> None:
     ax.set_title(f"feature cache: quality vs full steps, {results['seeds']} seeds x 10 digits")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -190,3 +190,14 @@ def figure(columns: int, width: float = 4.0):
     import matplotlib.pyplot as plt
 
     return plt.subplots(1, columns, figsize=(width * columns, 3.8))
+
+
+def save_figure(fig, path: Path, title: str | None = None, **title_style) -> None:
+    """A chart's ending: its title, a tight layout, the PNG, and the figure freed."""
+    import matplotlib.pyplot as plt
+
+    if title:
+        fig.suptitle(title, **title_style)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

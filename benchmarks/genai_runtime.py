@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import (bars, child_main, command_line, figure, machine, markdown_table,
-                    run_child, save_results)
+from common import (bars, child_main, command_line, figure, machine, markdown_table, run_child,
+                    save_figure, save_results)
 
 from dq_export.errors import UserError
 
@@ -103,10 +103,9 @@ def chart(results: dict, path: Path) -> None:
                                "peak RSS, MB")):
         bars(ax, labels, [row[key] for rows in results["sizes"].values()
                           for row in rows.values()], title)
-    fig.suptitle(f"{results['export']}: {results['scheduler']}, {results['machine']['cpu']}, "
-                 f"{results['machine']['cores']} cores", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    host = results["machine"]
+    save_figure(fig, path, f"{results['export']}: {results['scheduler']}, {host['cpu']}, "
+                f"{host['cores']} cores", fontsize=9)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,8 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (bars, child_main, command_line, disk_sizes, figure, machine,
-                    parse_exports, parse_schedulers, run_child, save_results)
+from common import (bars, child_main, command_line, disk_sizes, figure, machine, parse_exports,
+                    parse_schedulers, run_child, save_figure, save_results)
 from readme_table import markdown
 
 from dq_export.errors import UserError
@@ -171,9 +171,9 @@ def merge_rounds(runs: list):
         return {k: merge_rounds([r[k] for r in runs]) for k in first}
     if isinstance(first, list):
         return [x for r in runs for x in r]
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and len(set(runs)) > 1:
         return round(statistics.median(runs), 3)
-    return first
+    return first  # also a number equal in every round: a count stays an int
 
 
 def latency_rounds(exports: dict[str, Path], rounds: int, task: dict) -> dict[str, dict]:
@@ -317,10 +317,8 @@ def chart(results: dict, path: Path) -> None:
     else:
         bars(served, labels, [rows[label]["sizes_mb"]["export"] for label in labels],
              "export size on disk, MB")
-    fig.suptitle(f"{results['model']} {results['image_size']}x{results['image_size']}, "
-                 f"{results['machine']['cpu']}, {results['machine']['cores']} cores")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, f"{results['model']} {results['image_size']}x{results['image_size']}, "
+                f"{results['machine']['cpu']}, {results['machine']['cores']} cores")
 
 
 def quick_exports(root: Path) -> dict[str, Path]:

@@ -26,7 +26,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import figure, machine, markdown_table
+from common import figure, machine, markdown_table, save_figure
 
 
 def post(url: str, body: dict, api_key: str | None, timeout: float) -> tuple[int, float]:
@@ -195,10 +195,8 @@ def chart(run: dict, path: Path) -> None:
         ax.set_xlabel("concurrent clients")
         ax.set_xscale("log", base=2)
         ax.legend(fontsize=8)
-    fig.suptitle(f"dq-serve {run['model']}: POST /generate, {run['body']['steps']} "
-                 f"{run['body']['scheduler']} steps", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, f"dq-serve {run['model']}: POST /generate, {run['body']['steps']} "
+                f"{run['body']['scheduler']} steps", fontsize=10)
 
 
 def main(argv: list[str] | None = None) -> int:

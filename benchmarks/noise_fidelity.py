@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import machine, save_figure
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "calibration" / "prompts.txt"
 
@@ -37,8 +37,7 @@ def chart(errors: dict[str, np.ndarray], path: Path, title: str) -> None:
     ax.set_ylabel("relative noise-prediction error vs FP32")
     ax.set_title(title)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import machine, markdown_table, parse_exports, parse_schedulers
+from common import machine, markdown_table, parse_exports, parse_schedulers, save_figure
 from dq_export.errors import UserError
 
 DIGITS = 10
@@ -233,11 +233,8 @@ def chart(results: dict, path: Path) -> None:
             ax.set_xlabel(f"{run['scheduler']} step (of {run['steps']})")
             ax.set_ylabel(f"{metric.replace('_', ' ')} vs FP32")
             ax.legend(fontsize=7)
-    fig.suptitle(f"noise-prediction fidelity along FP32's trajectories, "
-                 f"{results['fidelity_seeds']} seeds x 10 digits")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, f"noise-prediction fidelity along FP32's trajectories, "
+                f"{results['fidelity_seeds']} seeds x 10 digits")
 
 
 def sample_grid(images: dict[str, np.ndarray], seeds: int, path: Path) -> None:

@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import markdown_table
+from common import markdown_table, save_figure
 
 
 def points(results: dict) -> list[dict]:
@@ -64,9 +64,7 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("MSE + SSIM distortion per step vs FP32")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:

@@ -28,7 +28,15 @@ def machine_line(results: dict) -> str:
             f"OpenVINO {m['openvino'].split('-')[0]}, Python {m['python']}: {results['model']} "
             f"{size}x{size}, one prompt with guidance (UNet batch 2), median of "
             f"{results['repeats']} image{'s' * (results['repeats'] != 1)} after the first; each "
-            "export in a fresh process.")
+            f"export in a fresh process{rounds_note(results.get('rounds', []))}.")
+
+
+def rounds_note(orders: list[list[str]]) -> str:
+    """How ``--rounds`` ordered the processes (nothing for a single round)."""
+    if len(orders) < 2:
+        return ""
+    return (f", {len(orders)} rounds in the orders "
+            + "; ".join(", ".join(order) for order in orders) + ", medians over the rounds")
 
 
 def latency_table(results: dict, spec: str) -> str:

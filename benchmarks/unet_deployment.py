@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import bars, child_main, figure, machine, markdown_table, parse_exports, run_child
+from common import (bars, child_main, figure, machine, markdown_table, parse_exports, run_child,
+                    save_figure)
 
 from dq_export.errors import UserError
 
@@ -117,9 +118,7 @@ def chart(rows: dict[str, dict], path: Path, title: str) -> None:
     for ax, key, name in zip(axes, ("call_ms_median", "peak_rss_mb", "unet_ir_mb"),
                              ("UNet call, ms (median)", "peak RSS, MB", "UNet IR, MB")):
         bars(ax, labels, [rows[label][key] for label in labels], name)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> int:

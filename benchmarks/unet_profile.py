@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from common import (bars, command_line, figure, machine, markdown_table, parse_exports,
-                    save_results)
+                    save_figure, save_results)
 
 from dq_export.errors import UserError
 
@@ -140,10 +140,8 @@ def chart(results: dict, path: Path) -> None:
         bottom = [b + v for b, v in zip(bottom, values)]
     axes[1].set_title("by kind of node, ms (median per node)")
     axes[1].legend(fontsize=7)
-    fig.suptitle(f"{results['machine']['cpu']}, {results['machine']['cores']} cores, "
-                 f"{results['image']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, f"{results['machine']['cpu']}, {results['machine']['cores']} cores, "
+                f"{results['image']}", fontsize=9)
 
 
 def main(argv: list[str] | None = None) -> int:

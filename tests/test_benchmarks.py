@@ -138,7 +138,12 @@ def test_rounds_alternate_the_order_and_keep_the_median(monkeypatch):
         "total_ms": 106.0, "total_ms_all": [101.0, 106.0, 107.0],
         "unet_calls": {"full": 2, "cached": 0}}
     assert merged["c"]["peak_rss_mb"] == 304.0
+    assert type(merged["a"]["latency"]["dpm++:2"]["unet_calls"]["full"]) is int
     assert image_latency.round_orders(list("ab"), 1) == [["a", "b"]]
+    from readme_table import rounds_note
+    assert rounds_note(image_latency.round_orders(list("ab"), 2)) == (
+        ", 2 rounds in the orders a, b; b, a, medians over the rounds")
+    assert rounds_note([["a", "b"]]) == ""
 
 
 @pytest.mark.parametrize("args, message", [
