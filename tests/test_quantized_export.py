@@ -314,8 +314,8 @@ def test_w4a8_generates_close_to_fp32(tiny_w8a8, tiny_export, tmp_path):
     cache = json.loads((tiny_w8a8 / "manifest.json").read_text())["quantization"][
         "calibration"]["cache_dir"]
     out = tmp_path / "w4a8"
-    export("tiny-sd", out, Recipe(bits="w4a8", seed=0, **TINY_CALIBRATION), init="random",
-           calibration_dir=cache)
+    export("tiny-sd", out, Recipe(bits="w4a8", seed=0, attention="qkv", **TINY_CALIBRATION),
+           init="random", calibration_dir=cache)
     a = np.asarray(Pipeline.load(tiny_export).generate("a digit 7", steps=10, seed=3).images[0])
     b = np.asarray(Pipeline.load(out).generate("a digit 7", steps=10, seed=3).images[0])
     psnr = 10 * np.log10(255**2 / ((a.astype(float) - b.astype(float)) ** 2).mean())
@@ -389,7 +389,7 @@ def test_target_cpu_auto_profiles_every_layer_and_keeps_the_chosen_ones_float(
     monkeypatch.setattr(target_cpu, "whole_call_seconds", whole_call_seconds)
     out = tmp_path / "auto"
     manifest = export("tiny-sd", out, Recipe(bits="w8a8", seed=0, target_cpu="auto",
-                                             **TINY_CALIBRATION), init="random",
+                                             attention="qkv", **TINY_CALIBRATION), init="random",
                       calibration_dir=manifest["quantization"]["calibration"]["cache_dir"])
     profile = json.loads((out / "target_cpu.json").read_text())
     units = set(quantized_layers(components.unet)) | set(attention_modules(components.unet))
