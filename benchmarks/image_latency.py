@@ -398,7 +398,7 @@ def run(args: argparse.Namespace, command: str) -> int:
                "image_size": first["image_size"], "prompt": PROMPT, "schedulers": schedulers,
                "repeats": repeats, "rounds": round_orders(list(rows), args.rounds),
                "throughput": {"scheduler": throughput, "batches": batches,
-                                                  "hint": "THROUGHPUT"},
+                              "hint": "THROUGHPUT"},
                "exports": rows, "ratios": ratio,
                "goals": {"memory": {"target_peak_rss_vs_fp32": MEMORY_GOAL,
                                     "exports": memory_goal(rows, ratio)},

@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default none)")
     q.add_argument("--form", default=d.form,
                    help="auto: time the UNet with each other attention form, zero points off "
-                        "and the split shortcut off, each alone, on this CPU at the export's size, and "
-                        "keep the fastest whose error on calibration inputs is within 10%% of "
+                        "and the split shortcut off, each alone, on this CPU at the export's "
+                        "size, and keep the fastest whose error on calibration inputs is within 10%% of "
                         "the flags' form (minutes at 512); flags: the form the flags give "
                         "(default flags)")
     q.add_argument("--budget", action="append", default=None,

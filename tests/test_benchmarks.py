@@ -245,8 +245,8 @@ def test_model_zoo_compares_each_export_with_its_torch_model(tiny_export, tiny_w
 
 def test_unet_profile_charges_the_runtime_multipliers_to_ours_only(tiny_export, tiny_w8a8,
                                                                    tmp_path):
-    """benchmarks/unet_profile.py: call times in turns, per-kind node times that add up, the shared-scale
-    graph's multiplier passes found in ours and not in FP32, a table results_doc renders, and
+    """benchmarks/unet_profile.py: call times in turns, per-kind node times that add up, the
+    shared-scale graph's multiplier passes found in ours and not in FP32, a table results_doc renders, and
     a one-line error for bad input."""
     done = run_script("unet_profile.py", f"fp32={tiny_export}", f"ours={tiny_w8a8}",
                       "--calls", 1, "--out", tmp_path)

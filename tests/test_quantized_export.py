@@ -113,7 +113,8 @@ def test_shared_graph_applies_each_steps_scales(tiny_w8a8, tiny_export, setup, t
     products = {}  # rescaled node -> the quantizers whose scales multiply its output
     for name in attention_modules(components.unet):
         products[f"{name}@qk"] = (f"{name}@q", f"{name}@k")
-        products[f"{name}@pv"] = tuple(k for k in (f"{name}@p", f"{name}@v") if k in params.activations)
+        products[f"{name}@pv"] = tuple(k for k in (f"{name}@p", f"{name}@v")
+                                       if k in params.activations)
     recipe = Recipe.from_dict(manifest["recipe"])
     path = write_shared_graph(tiny_export / "onnx" / "unet.onnx", tmp_path / "shared.onnx",
                               components.unet, recipe, params)
